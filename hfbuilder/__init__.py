@@ -1,0 +1,44 @@
+"""hfbuilder: build Hugging Face models for RLHF with DeepSpeed, as a chain of plugin stages.
+
+``import hfbuilder`` is light: torch, transformers and deepspeed are imported only
+when a build needs them.
+"""
+
+from .builder import ModelBuilder
+from .context import BuildContext, BuildReport, StageRecord
+from .errors import (
+    BuilderInputError,
+    CheckpointError,
+    DistributedSetupError,
+    HFBuilderError,
+    InvariantError,
+    PluginError,
+    StageError,
+    StageOrderError,
+    UnknownHeadError,
+)
+from .hookspecs import hookimpl, hookspec
+from .stage import Head, Phase, Stage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildContext",
+    "BuildReport",
+    "BuilderInputError",
+    "CheckpointError",
+    "DistributedSetupError",
+    "HFBuilderError",
+    "Head",
+    "InvariantError",
+    "ModelBuilder",
+    "Phase",
+    "PluginError",
+    "Stage",
+    "StageError",
+    "StageOrderError",
+    "StageRecord",
+    "UnknownHeadError",
+    "hookimpl",
+    "hookspec",
+]

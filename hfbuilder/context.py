@@ -1,0 +1,148 @@
+"""The shared state of one build, and the report it leaves behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger("hfbuilder")
+
+#: Where a parameter's values came from (the report's provenance map).
+PROVENANCE_PRETRAINED = "pretrained"  # from_pretrained read it from model_name_or_path
+PROVENANCE_CHECKPOINT = "checkpoint"  # the checkpoint stage loaded it
+PROVENANCE_RESIZED = "resized"  # rows added by the resize stage
+PROVENANCE_HEAD_INIT = "head_init"  # a head created it and initialized it
+PROVENANCE_INITIALIZED = "initialized"  # the model's own _init_weights (no weights to load)
+PROVENANCE_UNINITIALIZED = "uninitialized"  # deferred, nothing filled it yet
+
+
+@dataclass
+class StageRecord:
+    """What one stage did: its timing, memory and actions."""
+
+    name: str
+    provider: str
+    seconds: float = 0.0
+    peak_rss_mib: float | None = None
+    rss_delta_mib: float | None = None
+    peak_cuda_mib: float | None = None
+    actions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BuildReport:
+    """Everything a build can tell afterwards: per-stage records, provenance, warnings."""
+
+    plan: list[str] = field(default_factory=list)
+    stages: list[StageRecord] = field(default_factory=list)
+    provenance: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    total_seconds: float = 0.0
+
+    def stage(self, name: str) -> StageRecord:
+        for rec in self.stages:
+            if rec.name == name:
+                return rec
+        raise KeyError(f"no stage {name!r} in this report; stages: {[r.name for r in self.stages]}")
+
+    def provenance_summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for source in self.provenance.values():
+            counts[source] = counts.get(source, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def format(self) -> str:
+        """A table for a person: one line per stage, then the actions."""
+        lines = [f"{'stage':<14}{'seconds':>9}{'peak RSS MiB':>14}  provider"]
+        for rec in self.stages:
+            rss = f"{rec.peak_rss_mib:.0f}" if rec.peak_rss_mib is not None else "-"
+            lines.append(f"{rec.name:<14}{rec.seconds:>9.3f}{rss:>14}  {rec.provider}")
+            lines.extend(f"    - {a}" for a in rec.actions)
+        lines.append(f"total {self.total_seconds:.3f} s")
+        if self.provenance:
+            summary = ", ".join(f"{k}: {v}" for k, v in sorted(self.provenance_summary().items()))
+            lines.append(f"weights: {summary}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@dataclass
+class BuildContext:
+    """The state that stages read and write during one build.
+
+    ``options`` carries the builder's settings (``dropout``, ``dtype``, ``device``,
+    ``head``, ...); plugins may add their own keys. ``config`` is set by the
+    config stage and ``model`` by the load stage.
+    """
+
+    model_class: Any
+    model_name_or_path: str
+    tokenizer: Any
+    ds_config: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    config: Any = None
+    model: Any = None
+    report: BuildReport = field(default_factory=BuildReport)
+    #: name -> Head, from every registered plugin.
+    heads: dict[str, Any] = field(default_factory=dict)
+    #: every config key that holds a dropout probability, from ``hfbuilder_dropout_keys``.
+    dropout_keys: tuple[str, ...] = ()
+    #: providers by stage name, for messages.
+    providers: dict[str, str] = field(default_factory=dict)
+    #: free-form scratch space for cooperating plugins (e.g. the ZeRO-3 handles).
+    state: dict[str, Any] = field(default_factory=dict)
+    current_stage: str | None = None
+    _exit: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    @property
+    def zero3(self) -> bool:
+        """True when the DeepSpeed config asks for ZeRO stage 3 (DeepSpeed-Chat's rule)."""
+        return zero_stage_of(self.ds_config) == 3
+
+    def note(self, message: str) -> None:
+        """Record what the running stage did; shows up in the report and the debug log."""
+        log.debug("%s: %s", self.current_stage, message)
+        if self.report.stages and self.report.stages[-1].name == self.current_stage:
+            self.report.stages[-1].actions.append(message)
+
+    def warn(self, message: str, category: type[Warning] = UserWarning) -> None:
+        """Warn the user (``warnings.warn``) and keep the warning in the report."""
+        self.report.warnings.append(message)
+        warnings.warn(message, category, stacklevel=3)
+
+    def call_on_exit(self, callback: Any, *args: Any, **kwargs: Any) -> None:
+        """Run ``callback`` when the build ends, normally or by an exception (LIFO)."""
+        self._exit.callback(callback, *args, **kwargs)
+
+    def enter_context(self, cm: Any) -> Any:
+        """Keep a context manager open until the build ends."""
+        return self._exit.enter_context(cm)
+
+    def close(self) -> None:
+        self._exit.close()
+
+
+def zero_stage_of(ds_config: dict[str, Any] | None) -> int | None:
+    """The ZeRO stage a DeepSpeed config dict asks for, or None if it has none."""
+    if not ds_config:
+        return None
+    zero = ds_config.get("zero_optimization")
+    if not isinstance(zero, dict) or "stage" not in zero:
+        return None
+    return int(zero["stage"])
+
+
+__all__ = ["BuildContext", "BuildReport", "StageRecord", "zero_stage_of"]

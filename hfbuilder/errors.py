@@ -1,0 +1,64 @@
+"""One error hierarchy.
+
+Every error hfbuilder raises derives from :class:`HFBuilderError`. Errors caused by
+the caller's input also derive from :class:`ValueError`, so code that already
+catches ``ValueError`` around model construction keeps working.
+"""
+
+from __future__ import annotations
+
+
+class HFBuilderError(Exception):
+    """Base of every error raised by hfbuilder."""
+
+
+class BuilderInputError(HFBuilderError, ValueError):
+    """A value the caller passed (option, path, config, tokenizer) is invalid."""
+
+
+class PluginError(HFBuilderError):
+    """A plugin failed to load, returned something invalid, or raised in a hook.
+
+    The message names the plugin (and, for entry points, the entry point).
+    """
+
+
+class StageOrderError(PluginError):
+    """The stages' ``after``/``before``/``replaces`` constraints cannot be satisfied.
+
+    Raised for cycles, references to unknown stages and duplicate stage names; the
+    message names the stages involved and the plugins that provided them.
+    """
+
+
+class UnknownHeadError(HFBuilderError, ValueError):
+    """``with_head`` named a head that no registered plugin provides."""
+
+
+class StageError(HFBuilderError):
+    """A stage raised while the model was being built; the message names the stage."""
+
+
+class CheckpointError(HFBuilderError):
+    """A checkpoint is missing, unsafe, or does not match the model (strict keys)."""
+
+
+class InvariantError(HFBuilderError):
+    """A post-build invariant failed (NaN/inf weights, a tensor left uninitialized)."""
+
+
+class DistributedSetupError(HFBuilderError, RuntimeError):
+    """ZeRO-3 was requested but torch.distributed is neither initialized nor configurable."""
+
+
+__all__ = [
+    "BuilderInputError",
+    "CheckpointError",
+    "DistributedSetupError",
+    "HFBuilderError",
+    "InvariantError",
+    "PluginError",
+    "StageError",
+    "StageOrderError",
+    "UnknownHeadError",
+]

@@ -1,0 +1,155 @@
+"""The plugin manager: built-ins, entry points, and a typed facade over ``pm.hook``.
+
+Each :class:`~hfbuilder.ModelBuilder` gets its own manager, so plugins added with
+``with_plugin`` never leak into another builder. Callers never touch ``pm.hook``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .ordering import Entry
+from .stage import Head, Phase, Stage
+
+#: Built-in plugins, registered first and in this order (it breaks ordering ties).
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "hfbuilder.plugins.config",
+    "hfbuilder.plugins.dropout",
+    "hfbuilder.plugins.zero",
+    "hfbuilder.plugins.load",
+    "hfbuilder.plugins.token_align",
+    "hfbuilder.plugins.resize",
+    "hfbuilder.plugins.head",
+    "hfbuilder.plugins.run",
+    "hfbuilder.plugins.report",
+)
+
+ENTRY_POINT_GROUP = "hfbuilder"
+DISABLE_AUTOLOAD_ENV = "HFBUILDER_DISABLE_PLUGIN_AUTOLOAD"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a registered plugin came from, for ``hfbuilder plugins``."""
+
+    name: str
+    source: str  # "built-in", "entry point", "with_plugin"
+    distribution: str | None = None
+
+
+def autoload_disabled() -> bool:
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+
+
+class Plugins:
+    """A typed facade over one pluggy ``PluginManager``."""
+
+    def __init__(self, extra: Iterable[Any] = (), autoload: bool | None = None) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.info: dict[str, PluginInfo] = {}
+        for modname in DEFAULT_PLUGINS:
+            self._register(importlib.import_module(modname), modname, "built-in")
+        if autoload if autoload is not None else not autoload_disabled():
+            for ep in _entry_points():
+                try:
+                    plugin = ep.load()
+                except Exception as exc:
+                    raise PluginError(
+                        f"hfbuilder plugin entry point {ep.name!r} ({ep.value}) failed to load: "
+                        f"{type(exc).__name__}: {exc}. Fix or uninstall it, or set "
+                        f"{DISABLE_AUTOLOAD_ENV}=1 to skip all entry-point plugins."
+                    ) from exc
+                dist = getattr(ep, "dist", None)
+                dist_label = f"{dist.name} {dist.version}" if dist is not None else None
+                self._register(plugin, f"entrypoint:{ep.name}", "entry point", dist_label)
+        for plugin in extra:
+            self._register(plugin, None, "with_plugin")
+
+    def _register(self, plugin: Any, name: str | None, source: str, dist: str | None = None) -> None:
+        if self.pm.is_registered(plugin):
+            return
+        if name is None:
+            name = getattr(plugin, "__name__", None) or f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+            if self.pm.get_plugin(name) is not None:
+                name = f"{name}#{id(plugin):x}"
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # pluggy validates hookimpl signatures here
+            raise PluginError(f"plugin {name} could not be registered: {exc}") from exc
+        self.info[name] = PluginInfo(name, source, dist)
+
+    def _collect(self, hook_name: str, kind: type) -> list[tuple[Any, str]]:
+        """Call a no-argument list hook implementation by implementation, naming failures."""
+        out: list[tuple[Any, str]] = []
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            try:
+                result = impl.function()
+            except Exception as exc:
+                raise PluginError(f"plugin {impl.plugin_name} raised in {hook_name}(): {exc!r}") from exc
+            if result is None:
+                continue
+            if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+                raise PluginError(f"plugin {impl.plugin_name}: {hook_name}() must return a list, got {result!r}")
+            for item in result:
+                if kind is not str:
+                    if inspect.isclass(item) and issubclass(item, kind):
+                        item = item()
+                    if not isinstance(item, kind) or not isinstance(item.name, str) or not item.name:
+                        raise PluginError(
+                            f"plugin {impl.plugin_name}: {hook_name}() returned {item!r}, "
+                            f"expected a {kind.__name__} with a non-empty name"
+                        )
+                elif not isinstance(item, str):
+                    raise PluginError(f"plugin {impl.plugin_name}: {hook_name}() returned {item!r}, expected str")
+                out.append((item, impl.plugin_name))
+        return out
+
+    def stage_entries(self) -> list[Entry]:
+        entries = []
+        for seq, (stage, provider) in enumerate(self._collect("hfbuilder_stages", Stage)):
+            entries.append(Entry(stage, provider, seq, target=stage.replaces))
+        return entries
+
+    def heads(self) -> dict[str, tuple[Head, str]]:
+        found: dict[str, tuple[Head, str]] = {}
+        for head, provider in self._collect("hfbuilder_heads", Head):
+            if head.name in found:
+                raise PluginError(
+                    f"two plugins provide head {head.name!r}: {found[head.name][1]} and {provider}"
+                )
+            found[head.name] = (head, provider)
+        return found
+
+    def phases(self) -> dict[str, tuple[Phase, str]]:
+        # Later registrations (entry points, with_plugin) override built-in phases by name.
+        found: dict[str, tuple[Phase, str]] = {}
+        for phase, provider in self._collect("hfbuilder_phases", Phase):
+            found[phase.name] = (phase, provider)
+        return found
+
+    def dropout_keys(self) -> tuple[str, ...]:
+        keys: dict[str, None] = {}
+        for key, _ in self._collect("hfbuilder_dropout_keys", str):
+            keys[key] = None
+        return tuple(keys)
+
+    def run_stage(self, stage: Stage, ctx: Any) -> Any:
+        return self.pm.hook.hfbuilder_run_stage(stage=stage, ctx=ctx)
+
+
+__all__ = ["DEFAULT_PLUGINS", "DISABLE_AUTOLOAD_ENV", "ENTRY_POINT_GROUP", "PluginInfo", "Plugins"]

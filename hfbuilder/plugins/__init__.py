@@ -1,0 +1,11 @@
+"""hfbuilder's built-in plugins. Each is registered through the same hooks a third party uses."""
+
+from .config import ConfigStage
+from .dropout import DropoutStage
+from .head import HeadStage
+from .load import LoadStage
+from .resize import ResizeStage
+from .token_align import TokenAlignStage
+from .zero import ZeroStage
+
+__all__ = ["ConfigStage", "DropoutStage", "HeadStage", "LoadStage", "ResizeStage", "TokenAlignStage", "ZeroStage"]

@@ -1,0 +1,38 @@
+"""The ``config`` stage: read the model's configuration (DeepSpeed-Chat step 1)."""
+
+from __future__ import annotations
+
+import copy
+
+from ..context import BuildContext
+from ..errors import BuilderInputError
+from ..hookspecs import hookimpl
+from ..stage import Stage
+
+
+class ConfigStage(Stage):
+    """``AutoConfig.from_pretrained``, or a deep copy of a config passed with ``with_config``.
+
+    A config object the caller passed in is never mutated: later stages change a copy.
+    """
+
+    name = "config"
+
+    def run(self, ctx: BuildContext) -> None:
+        given = ctx.options.get("config")
+        if given is not None:
+            ctx.config = copy.deepcopy(given)
+            ctx.note(f"copied the given {type(given).__name__} (model_type={given.model_type!r})")
+            return
+        from transformers import AutoConfig
+
+        try:
+            ctx.config = AutoConfig.from_pretrained(ctx.model_name_or_path, **ctx.options.get("config_kwargs", {}))
+        except (OSError, ValueError) as exc:
+            raise BuilderInputError(f"cannot read a model config from {ctx.model_name_or_path!r}: {exc}") from exc
+        ctx.note(f"read {type(ctx.config).__name__} (model_type={ctx.config.model_type!r}) from {ctx.model_name_or_path}")
+
+
+@hookimpl
+def hfbuilder_stages() -> list[Stage]:
+    return [ConfigStage()]

@@ -1,0 +1,86 @@
+"""The ``dropout`` stage: one probability for every dropout the model has."""
+
+from __future__ import annotations
+
+from ..context import BuildContext
+from ..hookspecs import hookimpl
+from ..stage import Stage
+
+#: Config keys that hold a dropout probability, across the families hfbuilder tests.
+#: DeepSpeed-Chat sets only the first four, which misses GPT-2's ``*_pdrop``.
+DROPOUT_KEYS: tuple[str, ...] = (
+    "dropout",  # OPT
+    "attention_dropout",  # OPT, Llama, Qwen2, GPT-NeoX
+    "hidden_dropout",  # GPT-NeoX
+    "activation_dropout",  # OPT
+    "resid_pdrop",  # GPT-2
+    "embd_pdrop",  # GPT-2
+    "attn_pdrop",  # GPT-2
+    "summary_first_dropout",  # GPT-2 double-heads / sequence summary
+    "classifier_dropout",  # GPT-NeoX, Llama token classification heads
+    "hidden_dropout_prob",  # BERT-style configs
+    "attention_probs_dropout_prob",  # BERT-style configs
+)
+
+_DROPOUT_MARKERS = ("dropout", "pdrop", "drop_prob")
+
+
+def dropout_like_keys(config) -> list[str]:
+    """Every config key whose name says it is a dropout probability."""
+    return sorted(
+        k
+        for k, v in config.to_dict().items()
+        if any(m in k for m in _DROPOUT_MARKERS) and (v is None or isinstance(v, (int, float))) and not isinstance(v, bool)
+    )
+
+
+def split_keys(config, known: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(keys the stage will set, dropout-looking keys it does not know)."""
+    present = [k for k in known if hasattr(config, k)]
+    unknown = [k for k in dropout_like_keys(config) if k not in known]
+    return present, unknown
+
+
+class DropoutStage(Stage):
+    """Sets every known dropout key the config has to ``options["dropout"]``."""
+
+    name = "dropout"
+    after = ("config",)
+
+    def explain(self, ctx: BuildContext) -> list[str]:
+        p = ctx.options.get("dropout")
+        if p is None:
+            return ["no dropout requested: the config's values are kept"]
+        present, unknown = split_keys(ctx.config, ctx.dropout_keys)
+        lines = [f"set {k}: {getattr(ctx.config, k)!r} -> {p}" for k in present]
+        if not present:
+            lines.append(f"WARNING: {ctx.config.model_type} config has no known dropout key")
+        lines.extend(f"not covered: {k} = {getattr(ctx.config, k)!r}" for k in unknown)
+        return lines
+
+    def run(self, ctx: BuildContext) -> None:
+        p = ctx.options.get("dropout")
+        if p is None:
+            ctx.note("no dropout requested")
+            return
+        present, unknown = split_keys(ctx.config, ctx.dropout_keys)
+        for key in present:
+            ctx.note(f"{key}: {getattr(ctx.config, key)!r} -> {p}")
+            setattr(ctx.config, key, p)
+        if not present:
+            ctx.warn(
+                f"dropout={p} was requested but the {ctx.config.model_type!r} config has none of the known "
+                f"dropout keys {list(ctx.dropout_keys)}; add its keys with the hfbuilder_dropout_keys hook"
+            )
+        if unknown:
+            ctx.warn(f"{ctx.config.model_type!r} config has dropout-like keys hfbuilder does not set: {unknown}")
+
+
+@hookimpl
+def hfbuilder_stages() -> list[Stage]:
+    return [DropoutStage()]
+
+
+@hookimpl
+def hfbuilder_dropout_keys() -> list[str]:
+    return list(DROPOUT_KEYS)

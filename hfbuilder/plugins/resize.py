@@ -1,0 +1,91 @@
+"""The ``resize`` stage: round the vocabulary up to a multiple of 8 (or of ``resize_multiple``)."""
+
+from __future__ import annotations
+
+import math
+
+from ..context import PROVENANCE_RESIZED, BuildContext
+from ..errors import BuilderInputError
+from ..hookspecs import hookimpl
+from ..stage import Stage
+
+
+def target_vocab(n_tokens: int, current: int | None, multiple: int, allow_shrink: bool) -> int:
+    """``multiple * ceil(n_tokens / multiple)``, but never below ``current`` unless shrinking is allowed."""
+    target = multiple * math.ceil(n_tokens / multiple)
+    if current is not None and current > target and not allow_shrink:
+        return current
+    return target
+
+
+def current_vocab(config) -> int | None:
+    return getattr(config.get_text_config(), "vocab_size", None)
+
+
+def mark_resized(ctx: BuildContext, model, old: int, new: int) -> None:
+    """Record in the provenance map that the embedding matrices gained rows ``old:new``."""
+    resized = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    for name, p in model.named_parameters():
+        if id(p) in resized:
+            source = ctx.report.provenance.get(name, "pretrained")
+            ctx.report.provenance[name] = f"{source}+{PROVENANCE_RESIZED}[{old}:{new}]"
+
+
+class ResizeStage(Stage):
+    """``resize_token_embeddings`` to ``multiple * ceil(len(tokenizer) / multiple)``.
+
+    Options: ``resize_multiple`` (default 8); ``resize_allow_shrink`` (default False:
+    a vocabulary already larger, such as Qwen2's padded one, is kept; DeepSpeed-Chat
+    shrinks it); ``mean_resizing`` (default True, transformers' default).
+    """
+
+    name = "resize"
+    after = ("token_align",)
+
+    def check(self, ctx: BuildContext) -> None:
+        multiple = ctx.options.get("resize_multiple", 8)
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+            raise BuilderInputError(f"resize_multiple must be a positive int, got {multiple!r}")
+        try:
+            len(ctx.tokenizer)
+        except TypeError:
+            raise BuilderInputError(f"the tokenizer {type(ctx.tokenizer).__name__} has no len()") from None
+
+    def _target(self, ctx: BuildContext, current: int | None) -> int:
+        return target_vocab(
+            len(ctx.tokenizer),
+            current,
+            ctx.options.get("resize_multiple", 8),
+            bool(ctx.options.get("resize_allow_shrink", False)),
+        )
+
+    def explain(self, ctx: BuildContext) -> list[str]:
+        current = current_vocab(ctx.config)
+        target = self._target(ctx, current)
+        lines = [f"vocabulary {current} -> {target} (len(tokenizer) = {len(ctx.tokenizer)})"]
+        if current is not None and target < current:
+            lines.append(f"WARNING: the vocabulary shrinks by {current - target} rows")
+        elif current is not None and target == current:
+            lines[0] = f"vocabulary stays {current} (len(tokenizer) = {len(ctx.tokenizer)})"
+        return lines
+
+    def run(self, ctx: BuildContext) -> None:
+        model = ctx.model
+        current = model.get_input_embeddings().weight.shape[0] if not ctx.zero3 else current_vocab(model.config)
+        if ctx.zero3:
+            current = getattr(model.get_input_embeddings().weight, "ds_shape", (current,))[0]
+        target = self._target(ctx, current)
+        if target == current:
+            ctx.note(f"vocabulary already {current}: unchanged")
+            return
+        if target < current:
+            ctx.warn(f"shrinking the vocabulary from {current} to {target} rows (resize_allow_shrink)")
+        model.resize_token_embeddings(target, mean_resizing=bool(ctx.options.get("mean_resizing", True)))
+        if target > current:
+            mark_resized(ctx, model, current, target)
+        ctx.note(f"resize_token_embeddings {current} -> {target}")
+
+
+@hookimpl
+def hfbuilder_stages() -> list[Stage]:
+    return [ResizeStage()]

@@ -1,0 +1,124 @@
+"""What plugins register: stages, heads and phases.
+
+These are deliberately tiny. A plugin author subclasses one, sets a few class
+attributes and implements one method; the rest of the contract is in
+:mod:`hfbuilder.hookspecs`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from torch import nn
+
+    from .builder import ModelBuilder
+    from .context import BuildContext
+
+
+def _names(value: Any, owner: str, attr: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise TypeError(f"{owner}.{attr} must be a tuple of stage names, got {value!r}") from None
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise TypeError(f"{owner}.{attr} must hold non-empty strings, got {n!r}")
+    return names
+
+
+class Stage:
+    """One step of a build: reads and writes the shared :class:`BuildContext`.
+
+    Class attributes:
+
+    ``name``
+        Unique name of the stage; what ``plan()`` lists and ``without_stage`` takes.
+    ``after`` / ``before``
+        Names of stages this one must run after / before. Order comes only from these.
+    ``replaces``
+        Name of a stage this one takes the place of (inheriting its position), or None.
+
+    Stages are instantiated with no arguments; settings reach them through
+    ``ctx.options``.
+    """
+
+    name: ClassVar[str] = ""
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+    replaces: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.after = _names(cls.after, cls.__name__, "after")
+        cls.before = _names(cls.before, cls.__name__, "before")
+
+    def enabled(self, options: dict[str, Any]) -> bool:
+        """Whether the stage belongs in the plan for these options.
+
+        The six core stages always return True (a stage with nothing to do stays
+        in the plan and does nothing); optional stages such as ``head`` or
+        ``checkpoint`` appear only when their option is set.
+        """
+        return True
+
+    def check(self, ctx: BuildContext) -> None:
+        """Validate inputs before any stage runs; raise a typed error to stop the build.
+
+        Runs for every stage before the first ``run``, so a bad tokenizer or path
+        fails before any weights are read.
+        """
+
+    def explain(self, ctx: BuildContext) -> list[str]:
+        """Describe, without reading weights, what ``run`` will do (``ctx.config`` is set)."""
+        return []
+
+    def run(self, ctx: BuildContext) -> None:
+        """Do the stage's work on ``ctx``."""
+        raise NotImplementedError(f"stage {self.name!r} does not implement run()")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class Head:
+    """A model head: wraps the built base model in another ``nn.Module``.
+
+    Set ``name`` and implement :meth:`wrap`. ``.with_head(name, **options)`` calls it
+    after the resize stage.
+    """
+
+    name: ClassVar[str] = ""
+    #: The model class the head wants as its base, or None to keep the builder's.
+    base_model_class: ClassVar[Any] = None
+
+    def check(self, ctx: BuildContext, **options: Any) -> None:
+        """Validate the head's options before the build starts."""
+
+    def wrap(self, model: nn.Module, ctx: BuildContext, **options: Any) -> nn.Module:
+        raise NotImplementedError(f"head {self.name!r} does not implement wrap()")
+
+    def describe(self, ctx: BuildContext, **options: Any) -> list[str]:
+        """What the head will do, for ``explain()``."""
+        return [f"wrap the model in head {self.name!r}"]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class Phase:
+    """An RLHF phase: a named bundle of builder settings (``for_phase(name, **options)``)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
+        raise NotImplementedError(f"phase {self.name!r} does not implement apply()")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+__all__ = ["Head", "Phase", "Stage"]
