@@ -20,7 +20,8 @@ import     cpu    -            ``python -c "import X"`` for transformers, hfbuil
                                and ``import hfbuilder`` imports no torch/transformers/deepspeed
 device     gpu    OPT-1.3B     dschat (+ ``.cuda()``), hfbuilder (``.on_device``), safetensors
                                (``load_file(device=...)``): dschat / hfbuilder >= 3,
-                               hfbuilder / safetensors <= 1.3
+                               hfbuilder / safetensors <= 1.3; and, for information, dschat-fp32
+                               (the baseline as transformers 4 ran it: float32 by default)
 critic     gpu    OPT-1.3B     dschat (full init + ``torch.load`` + ``load_state_dict``),
                                hfbuilder (``with_checkpoint`` of the same ``.bin``),
                                hfbuilder-st (same weights as ``model.safetensors``):
@@ -219,6 +220,27 @@ def c_device_dschat(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
     return model.to(device), None  # DeepSpeed-Chat's users call .cuda()
 
 
+def c_device_dschat_fp32(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    """The same, as it ran on transformers 4, whose from_pretrained loaded float32 unless told otherwise.
+
+    DeepSpeed-Chat passes no dtype, so on transformers 4 an fp16 checkpoint became a float32
+    model on the CPU (a full converted copy) before ``.cuda()``. For information only: the goal
+    ratios use the transformers 5 baseline above.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ck.sft)
+    for key in DSCHAT_DROPOUT_KEYS:
+        if hasattr(config, key):
+            setattr(config, key, DROPOUT)
+    model = AutoModelForCausalLM.from_pretrained(ck.sft, config=config, dtype=torch.float32)
+    model.config.end_token_id = tok.eos_token_id
+    model.config.pad_token_id = model.config.eos_token_id
+    model.resize_token_embeddings(int(8 * math.ceil(len(tok) / 8.0)))
+    return model.to(device), None
+
+
 def c_device_hfbuilder(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -271,18 +293,24 @@ def c_critic_hfbuilder_st(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, 
 
 @dataclass(frozen=True)
 class Ratio:
-    """``num / den`` of median seconds, with the goal it must meet (``op`` is "<=" or ">=")."""
+    """``num / den`` of median seconds, with the goal it must meet (``op`` "<=" or ">=", or "" for none)."""
 
     num: str
     den: str
-    op: str
-    goal: float
+    op: str = ""
+    goal: float = 0.0
 
     @property
     def label(self) -> str:
         return f"{self.num} / {self.den}"
 
-    def met(self, value: float) -> bool:
+    @property
+    def goal_text(self) -> str:
+        return f"{self.op} {self.goal:g}" if self.op else "(for information)"
+
+    def met(self, value: float) -> bool | None:
+        if not self.op:
+            return None
         return value <= self.goal if self.op == "<=" else value >= self.goal
 
 
@@ -321,8 +349,9 @@ CASES: dict[str, Case] = {
              (Ratio("hfbuilder", "transformers", "<=", 1.2),), reps=15),
         Case("device", "build straight to the device, fp16", "opt-1.3b",
              (Contender("dschat", c_device_dschat), Contender("hfbuilder", c_device_hfbuilder),
-              Contender("safetensors", c_device_safetensors)),
-             (Ratio("dschat", "hfbuilder", ">=", 3.0), Ratio("hfbuilder", "safetensors", "<=", 1.3)),
+              Contender("safetensors", c_device_safetensors), Contender("dschat-fp32", c_device_dschat_fp32)),
+             (Ratio("dschat", "hfbuilder", ">=", 3.0), Ratio("hfbuilder", "safetensors", "<=", 1.3),
+              Ratio("dschat-fp32", "hfbuilder")),
              reps=5, gpu=True),
         Case("critic", "critic: deferred weights + reward head + step-2 checkpoint", "opt-1.3b",
              (Contender("dschat", c_critic_dschat, reads="critic-bin", warmup=False),
@@ -343,6 +372,18 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
+    """This process's RSS high-water mark since its exec (``VmHWM``).
+
+    Not ``ru_maxrss``: that also counts the parent's memory the child shared before
+    ``exec``, which would put the runner's own size under every small measurement.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -426,11 +467,20 @@ def worker(case_name: str, contender_name: str, workdir: Path, device: str, shap
     return result
 
 
-def import_worker(module: str) -> dict[str, Any]:
-    """Which heavy modules ``import module`` pulls in (run in a fresh process)."""
-    __import__(module)
-    heavy = ("torch", "transformers", "deepspeed", "accelerate", "safetensors")
-    return {"imported": sorted(m for m in heavy if m in sys.modules)}
+HEAVY_MODULES = ("torch", "transformers", "deepspeed", "accelerate", "safetensors")
+
+
+def import_check(module: str, timeout: float) -> dict[str, Any]:
+    """In a fresh ``python -c``: the heavy modules ``import module`` pulls in, and its peak RSS."""
+    code = (f"import {module}\nimport sys, json\n"
+            f"hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+            f"print({RESULT_TAG!r} + json.dumps({{'imported': sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), "
+            f"'peak_rss_mib': int(hwm[0].split()[1]) / 1024 if hwm else None}}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    return {"error": f"import {module} failed: {proc.stderr.strip()[-500:]}"}
 
 
 # -- the parent ---------------------------------------------------------------------------------
@@ -459,17 +509,17 @@ def run_worker(args: list[str], timeout: float) -> dict[str, Any]:
 
 
 def time_import(module: str) -> dict[str, Any]:
-    """Wall time and peak RSS of ``python -c "import module"``, measured from outside."""
+    """Wall time of ``python -c "import module"``, measured from outside."""
     env = _env()
     with open(os.devnull, "wb") as null:
         start = time.perf_counter()
         pid = os.posix_spawn(sys.executable, [sys.executable, "-c", f"import {module}"], env,
                              file_actions=[(os.POSIX_SPAWN_DUP2, null.fileno(), 1)])
-        _, status, usage = os.wait4(pid, 0)
+        _, status = os.waitpid(pid, 0)
         seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         return {"error": f"python -c 'import {module}' failed"}
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {"seconds": seconds}
 
 
 def warm_page_cache(ck: Checkpoints) -> None:
@@ -509,9 +559,10 @@ def run_case(case: Case, args: argparse.Namespace, log: Any) -> Outcome:
     reps = args.reps if args.reps is not None else (1 if args.tiny else case.reps)
     warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1)
     if case.name == "import":
-        checks = {c.name: run_worker(["--import-check", c.fn], args.timeout) for c in case.contenders}
+        checks = {c.name: import_check(c.fn, args.timeout) for c in case.contenders}
         out.samples["_checks"] = [checks]
-        measure = lambda c: time_import(c.fn)  # noqa: E731
+        # Peak RSS from the check (VmHWM after the import); wall time from a bare `python -c "import X"`.
+        measure = lambda c: {**time_import(c.fn), "peak_rss_mib": checks[c.name].get("peak_rss_mib")}  # noqa: E731
     else:
         if shape not in args.made:
             started = time.perf_counter()
@@ -570,9 +621,9 @@ def summarize(case: Case, outcome: Outcome, args: argparse.Namespace) -> dict[st
     for r in case.ratios:
         if r.num in medians and r.den in medians and medians[r.den] > 0:
             value = medians[r.num] / medians[r.den]
-            entry["ratios"].append({"ratio": r.label, "value": value, "goal": f"{r.op} {r.goal:g}", "met": r.met(value)})
+            entry["ratios"].append({"ratio": r.label, "value": value, "goal": r.goal_text, "met": r.met(value)})
         else:
-            entry["ratios"].append({"ratio": r.label, "value": None, "goal": f"{r.op} {r.goal:g}", "met": None})
+            entry["ratios"].append({"ratio": r.label, "value": None, "goal": r.goal_text, "met": None})
     if case.name == "import" and "import_checks" in entry:
         pulled = entry["import_checks"].get("hfbuilder", {}).get("imported")
         met = pulled is not None and not {"torch", "transformers", "deepspeed"} & set(pulled)
@@ -625,13 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     p.add_argument("--make", metavar="SHAPE", help=argparse.SUPPRESS)
-    p.add_argument("--import-check", metavar="MODULE", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if args.import_check:
-        print(RESULT_TAG + json.dumps(import_worker(args.import_check)))
-        return 0
     if args.make:
         ck = make_checkpoints(args.make, args.workdir)
         print(RESULT_TAG + json.dumps({"root": str(ck.root)}))
@@ -658,8 +705,23 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"meta": {}, "cases": {}}
     started = time.perf_counter()
-    device_name = None
-    versions: dict[str, str] = {}
+    json_path, md_path = args.out / f"results-{label}.json", args.out / f"results-{label}.md"
+    seen: dict[str, Any] = {"device": None, "versions": {}}
+
+    def write() -> None:  # after every case, so a run cut short keeps what it measured
+        ran = [n for n in results["cases"] if "skipped" not in results["cases"][n]]
+        reps_note = ", ".join(
+            f"{n}: {max((c['n'] for c in results['cases'][n]['contenders'].values()), default=0)} rounds" for n in ran)
+        results["meta"] = {
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": seen["device"] or f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+            "host": platform.node(), "python": platform.python_version(), "versions": seen["versions"],
+            "set": label, "reps_note": reps_note or "nothing run", "wall_s": round(time.perf_counter() - started, 1),
+            "warmup_rounds": args.warmup if args.warmup is not None else (0 if args.tiny else 1),
+        }
+        json_path.write_text(json.dumps(results, indent=2))
+        md_path.write_text(markdown(results))
+
     for name in names:
         case = CASES[name]
         log(f"== {name}: {case.title}")
@@ -668,29 +730,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  skipped: {outcome.skipped}")
         results["cases"][name] = summarize(case, outcome, args)
         for samples in outcome.samples.values():
-            for s in samples:
-                device_name = device_name or s.get("gpu_name")
-                versions = versions or s.get("versions", {})
-    reps_note = ", ".join(
-        f"{n}: {max((c['n'] for c in results['cases'][n]['contenders'].values()), default=0)} rounds"
-        for n in names if "skipped" not in results["cases"][n])
-    results["meta"] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device_name or f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-        "host": platform.node(), "python": platform.python_version(), "versions": versions,
-        "set": label, "reps_note": reps_note or "nothing run", "wall_s": round(time.perf_counter() - started, 1),
-        "warmup_rounds": args.warmup if args.warmup is not None else (0 if args.tiny else 1),
-    }
-    json_path, md_path = args.out / f"results-{label}.json", args.out / f"results-{label}.md"
-    json_path.write_text(json.dumps(results, indent=2))
-    md_path.write_text(markdown(results))
+            for sample in samples:
+                seen["device"] = seen["device"] or sample.get("gpu_name")
+                seen["versions"] = seen["versions"] or sample.get("versions", {})
+        write()
     log("")
     log(markdown(results))
     log(f"wrote {json_path} and {md_path} in {results['meta']['wall_s']} s")
     for name, case in results["cases"].items():
         for r in case.get("ratios", []):
             if isinstance(r["value"], float):
-                log(f"{name}: {r['ratio']} = {r['value']:.3f} (goal {r['goal']}: {'met' if r['met'] else 'NOT met'})")
+                verdict = "for information" if r["met"] is None else ("met" if r["met"] else "NOT met")
+                log(f"{name}: {r['ratio']} = {r['value']:.3f} (goal {r['goal']}: {verdict})")
     return 0
 
 
