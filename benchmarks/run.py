@@ -554,7 +554,7 @@ def run_case(case: Case, args: argparse.Namespace, log: Any) -> Outcome:
     if case.needs_head and not head_available(case.needs_head):
         out.skipped = f"no {case.needs_head!r} head is registered (issue 4 not merged yet)"
         return out
-    shape = "tiny" if args.tiny else case.shape
+    shape = case_shape(case, args)
     device = args.device if case.gpu else "cpu"
     reps = args.reps if args.reps is not None else (1 if args.tiny else case.reps)
     warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1)
@@ -596,8 +596,12 @@ def run_case(case: Case, args: argparse.Namespace, log: Any) -> Outcome:
     return out
 
 
+def case_shape(case: Case, args: argparse.Namespace) -> str:
+    return getattr(args, "shape", None) or ("tiny" if args.tiny else case.shape)
+
+
 def summarize(case: Case, outcome: Outcome, args: argparse.Namespace) -> dict[str, Any]:
-    shape = "tiny" if args.tiny else case.shape
+    shape = case_shape(case, args)
     entry: dict[str, Any] = {"title": case.title, "shape": shape, "device": args.device if case.gpu else "cpu",
                              "contenders": {}, "ratios": []}
     if outcome.skipped:
@@ -676,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     p.add_argument("--make", metavar="SHAPE", help=argparse.SUPPRESS)
-    p.add_argument("--shape", help=argparse.SUPPRESS)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="run every case at this shape instead of its own")
     args = p.parse_args(argv)
 
     if args.make:
