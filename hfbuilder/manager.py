@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "hfbuilder.plugins.token_align",
     "hfbuilder.plugins.resize",
     "hfbuilder.plugins.head",
+    "hfbuilder.plugins.reward",
     "hfbuilder.plugins.run",
     "hfbuilder.plugins.report",
 )

@@ -5,7 +5,8 @@ from .dropout import DropoutStage
 from .head import HeadStage
 from .load import LoadStage
 from .resize import ResizeStage
+from .reward import RewardHead
 from .token_align import TokenAlignStage
 from .zero import ZeroStage
 
-__all__ = ["ConfigStage", "DropoutStage", "HeadStage", "LoadStage", "ResizeStage", "TokenAlignStage", "ZeroStage"]
+__all__ = ["ConfigStage", "DropoutStage", "HeadStage", "LoadStage", "ResizeStage", "RewardHead", "TokenAlignStage", "ZeroStage"]
