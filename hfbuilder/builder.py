@@ -145,11 +145,21 @@ class ModelBuilder:
             raise UnknownHeadError(f"with_head() needs a head name, got {name!r}")
         return self.with_options(head=name, head_options=_frozen(options))
 
-    def with_checkpoint(self, path: str | os.PathLike[str] | None = None) -> ModelBuilder:
-        """Load the whole (wrapped) model's weights from ``path`` strictly; implies deferred weights."""
+    def with_checkpoint(self, path: str | os.PathLike[str] | None = None, *, strict: bool = True) -> ModelBuilder:
+        """Load the whole (wrapped) model's weights from ``path`` strictly; implies deferred weights.
+
+        ``strict=False`` turns missing and unexpected keys into warnings; what is
+        missing is then initialized and named in the report.
+        """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise BuilderInputError(f"checkpoint path must be a path, got {path!r}")
-        return self.with_options(checkpoint=os.fspath(path) if path is not None else self.model_name_or_path, deferred=True)
+        if not isinstance(strict, bool):
+            raise BuilderInputError(f"with_checkpoint(strict=...) must be True or False, got {strict!r}")
+        return self.with_options(
+            checkpoint=os.fspath(path) if path is not None else self.model_name_or_path,
+            checkpoint_strict=strict,
+            deferred=True,
+        )
 
     def frozen(self) -> ModelBuilder:
         """Return the model in eval mode with ``requires_grad=False`` (reference, reward_eval)."""

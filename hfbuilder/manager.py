@@ -30,6 +30,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "hfbuilder.plugins.token_align",
     "hfbuilder.plugins.resize",
     "hfbuilder.plugins.head",
+    "hfbuilder.plugins.checkpoint",
+    "hfbuilder.plugins.materialize",
     "hfbuilder.plugins.reward",
     "hfbuilder.plugins.run",
     "hfbuilder.plugins.report",

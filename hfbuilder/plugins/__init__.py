@@ -1,12 +1,14 @@
 """hfbuilder's built-in plugins. Each is registered through the same hooks a third party uses."""
 
+from .checkpoint import CheckpointStage
 from .config import ConfigStage
 from .dropout import DropoutStage
 from .head import HeadStage
 from .load import LoadStage
+from .materialize import MaterializeStage
 from .resize import ResizeStage
 from .reward import RewardHead
 from .token_align import TokenAlignStage
 from .zero import ZeroStage
 
-__all__ = ["ConfigStage", "DropoutStage", "HeadStage", "LoadStage", "ResizeStage", "RewardHead", "TokenAlignStage", "ZeroStage"]
+__all__ = ["CheckpointStage", "ConfigStage", "DropoutStage", "HeadStage", "LoadStage", "MaterializeStage", "ResizeStage", "RewardHead", "TokenAlignStage", "ZeroStage"]
