@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "hfbuilder.plugins.fp32_loss",
     "hfbuilder.plugins.freeze",
     "hfbuilder.plugins.reward",
+    "hfbuilder.plugins.phases",
     "hfbuilder.plugins.run",
     "hfbuilder.plugins.report",
 )
