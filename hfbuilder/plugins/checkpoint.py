@@ -46,6 +46,8 @@ class LoadPlan:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    #: model name -> checkpoint key, where transformers' renamings map a legacy key.
+    renamed: dict[str, str] = field(default_factory=dict)
 
 
 def _listing(names: list[str]) -> str:
@@ -71,6 +73,36 @@ def _shape(t: Any) -> tuple[int, ...]:
     return tuple(getattr(t, "ds_shape", None) or t.shape)  # ZeRO-3 keeps the full shape in ds_shape
 
 
+def legacy_names(model: Any, keys: list[str], expected: set[str]) -> dict[str, str]:
+    """model name -> checkpoint key, for keys ``save_pretrained`` wrote under a legacy name.
+
+    transformers 5 renames some weights when it loads (GPT-NeoX's ``embed_out`` is
+    ``lm_head``) and renames them back when it saves. Only its plain renamings are
+    applied here; checkpoints that need tensors merged or split are reported as
+    mismatched keys.
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # pragma: no cover - older transformers: nothing to rename
+        return {}
+    unmatched = [k for k in keys if k not in expected]
+    found: dict[str, str] = {}
+    roots = [(n, m) for n, m in model.named_modules() if isinstance(m, PreTrainedModel)]
+    for prefix, pm in roots:
+        if any(prefix != p and (p == "" or prefix.startswith(p + ".")) for p, _ in roots):
+            continue  # an enclosing transformers model already covers it
+        head = f"{prefix}." if prefix else ""
+        renamings = [t for t in get_model_conversion_mapping(pm) if type(t) is WeightRenaming]
+        for key in unmatched:
+            if key.startswith(head):
+                name = head + apply_renamings(key[len(head):], renamings)
+                if name != key and name in expected and name not in found:
+                    found[name] = key
+    return found
+
+
 def match_keys(model: Any, reader: CheckpointReader, resized: dict[int, tuple[int, int]] | None = None) -> LoadPlan:
     """Compare the model's state dict with the checkpoint's keys and shapes; reads no tensor data."""
     resized = resized or {}
@@ -80,11 +112,15 @@ def match_keys(model: Any, reader: CheckpointReader, resized: dict[int, tuple[in
     for name, t in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(t), []).append(name)
         tensors[id(t)] = t
+    expected = {n for names in groups.values() for n in names}
+    where = {n: n for n in expected if n in reader}
+    where.update({n: k for n, k in legacy_names(model, reader.keys(), expected).items() if n not in where})
+    plan.renamed = {n: k for n, k in where.items() if n != k}
     ignore_missing, ignore_unexpected = _ignore_patterns(model)
     for tid, names in groups.items():
         if len(names) > 1:
             plan.tied.append(names)
-        present = [n for n in names if n in reader]
+        present = [n for n in names if n in where]
         if not present:
             if ignore_missing is not None and all(ignore_missing.search(n) for n in names):
                 plan.ignored.extend(names)
@@ -93,7 +129,7 @@ def match_keys(model: Any, reader: CheckpointReader, resized: dict[int, tuple[in
             continue
         name = present[0]
         want = _shape(tensors[tid])
-        have = reader.info(name).shape
+        have = reader.info(where[name]).shape
         if have != want:
             grown = resized.get(tid)
             if grown is not None and have == (grown[0], *want[1:]) and want[0] == grown[1]:
@@ -101,13 +137,13 @@ def match_keys(model: Any, reader: CheckpointReader, resized: dict[int, tuple[in
             else:
                 plan.mismatched.append((name, have, want))
                 continue
-        plan.sources[name] = name
+        plan.sources[name] = where[name]
         for other in present[1:]:
-            if reader.info(other).shape != have:
-                plan.mismatched.append((other, reader.info(other).shape, want))
-    expected = {n for names in groups.values() for n in names}
+            if reader.info(where[other]).shape != have:
+                plan.mismatched.append((other, reader.info(where[other]).shape, want))
+    used = set(where.values())
     for key in reader.keys():
-        if key not in expected:
+        if key not in used:
             if ignore_unexpected is not None and ignore_unexpected.search(key):
                 plan.ignored.append(key)
             else:
@@ -115,33 +151,35 @@ def match_keys(model: Any, reader: CheckpointReader, resized: dict[int, tuple[in
     return plan
 
 
+def _splits(key: str) -> list[tuple[str, str]]:
+    head, dot, rest = key.partition(".")
+    return [("", key)] + ([(head + dot, rest)] if dot else [])
+
+
 def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
-    """Say so when the keys differ only by a prefix (a bare model loaded into a reward model...)."""
+    """Say so when the keys differ only by a leading component (a bare LM loaded into a reward model...)."""
     if not missing or not unexpected:
         return ""
-    unexpected_set = set(unexpected)
-    best = ("", 0, "")
-    for prefix in {m.split(".", 1)[0] + "." for m in missing if "." in m}:
-        hits = sum(1 for m in missing if m.startswith(prefix) and m[len(prefix):] in unexpected_set)
-        if hits > best[1]:
-            best = (prefix, hits, "model")
-    for prefix in {u.split(".", 1)[0] + "." for u in unexpected if "." in u}:
-        missing_set = set(missing)
-        hits = sum(1 for u in unexpected if u.startswith(prefix) and u[len(prefix):] in missing_set)
-        if hits > best[1]:
-            best = (prefix, hits, "checkpoint")
-    prefix, hits, side = best
+    by_rest: dict[str, set[str]] = {}
+    for key in unexpected:
+        for prefix, rest in _splits(key):
+            by_rest.setdefault(rest, set()).add(prefix)
+    counts: dict[tuple[str, str], int] = {}
+    for key in missing:
+        for model_prefix, rest in _splits(key):
+            for ckpt_prefix in by_rest.get(rest, ()):
+                if model_prefix != ckpt_prefix:
+                    counts[(model_prefix, ckpt_prefix)] = counts.get((model_prefix, ckpt_prefix), 0) + 1
+    if not counts:
+        return ""
+    (model_prefix, ckpt_prefix), hits = max(counts.items(), key=lambda item: item[1])
     if hits * 2 < len(missing):
         return ""
-    if side == "model":
-        return (
-            f"\nhint: the model's keys are the checkpoint's with {prefix!r} in front: the checkpoint holds the bare "
-            "model, not the wrapped one. Load a bare model with from_pretrained (no .with_checkpoint), or save the "
-            "wrapped model's state_dict()."
-        )
     return (
-        f"\nhint: the checkpoint's keys are the model's with {prefix!r} in front: it was saved from a wrapped model; "
-        "build the same wrapper (e.g. .with_head(...)) before .with_checkpoint()."
+        f"\nhint: the keys differ only in their first part: the model has {model_prefix or '(nothing)'!r} where the "
+        f"checkpoint has {ckpt_prefix or '(nothing)'!r}. with_checkpoint() expects the state dict of the model being "
+        "built (head included). To start from a plain transformers model (e.g. the SFT output), build without "
+        ".with_checkpoint() so from_pretrained reads it; to load a wrapped model, add the same head first."
     )
 
 
@@ -215,7 +253,8 @@ def assign_from_checkpoint(model: Any, plan: LoadPlan, reader: CheckpointReader,
         for other in names:
             if other == source:
                 continue
-            if other in reader and not _same_values(reader, other, value):
+            other_key = plan.renamed.get(other, other)
+            if other_key in reader and not _same_values(reader, other_key, value):
                 raise CheckpointError(
                     f"checkpoint {reader.file} holds tied weights {source!r} and {other!r} with different values"
                 )
@@ -299,6 +338,8 @@ class CheckpointStage(Stage):
                 ctx.report.provenance[name] = label[name]
         if plan.ignored:
             ctx.note(f"ignored as transformers does: {_listing(plan.ignored)}")
+        if plan.renamed:
+            ctx.note(f"legacy names renamed as transformers does: {_listing([f'{k} -> {n}' for n, k in plan.renamed.items()])}")
         if plan.partial_rows:
             rows = ", ".join(f"{n}[{old}:{new}]" for n, (old, new) in plan.partial_rows.items())
             ctx.note(f"rows added by resize are not in the checkpoint and are left to materialize: {rows}")
