@@ -114,7 +114,7 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.format, self.file = find_checkpoint(self.path)
-        self._handles: dict[str, Any] = {}  # shard file -> safe_open handle or loaded .bin dict
+        self._handles: dict[tuple[str, str], Any] = {}  # (shard, device) -> safe_open handle or .bin dict
         self._weight_map: dict[str, str] = self._read_weight_map()
 
     # -- discovery ------------------------------------------------------------------
@@ -177,10 +177,7 @@ class CheckpointReader:
         file = self._file_of(key)
         if self.format == "safetensors":
             if device is not None and str(device) != "cpu":
-                from safetensors import safe_open
-
-                with safe_open(file, framework="pt", device=str(device)) as fh:
-                    return fh.get_tensor(key)
+                return self._open(file, str(device)).get_tensor(key)  # read straight onto the device
             return self._open(file).get_tensor(key)
         tensor = self._open(file)[key]
         return tensor if device is None else tensor.to(device)
@@ -212,19 +209,19 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"checkpoint {self.file!r} has no tensor {key!r}") from None
 
-    def _open(self, file: str) -> Any:
-        handle = self._handles.get(file)
+    def _open(self, file: str, device: str = "cpu") -> Any:
+        handle = self._handles.get((file, device))
         if handle is None:
-            handle = _open_safetensors(file) if self.format == "safetensors" else load_bin(file)
-            self._handles[file] = handle
+            handle = _open_safetensors(file, device) if self.format == "safetensors" else load_bin(file)
+            self._handles[(file, device)] = handle
         return handle
 
 
-def _open_safetensors(file: str) -> Any:
+def _open_safetensors(file: str, device: str = "cpu") -> Any:
     from safetensors import SafetensorError, safe_open
 
     try:
-        return safe_open(file, framework="pt")
+        return safe_open(file, framework="pt", device=device)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read safetensors file {file!r}: {exc}") from exc
 

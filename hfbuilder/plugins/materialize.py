@@ -129,7 +129,8 @@ def fill_grown_rows(model: Any, pending: dict[str, tuple[int, int]], mean_resizi
     import torch
 
     done = []
-    std = getattr(model.config, "initializer_range", None) or getattr(model.config, "init_std", None) or 0.02
+    config = getattr(model, "config", None)
+    std = getattr(config, "initializer_range", None) or getattr(config, "init_std", None) or 0.02
     with torch.no_grad():
         for name, (old, new) in pending.items():
             weight = model.get_parameter(name)
@@ -171,6 +172,8 @@ class MaterializeStage(Stage):
         device = ctx.options.get("device")
         device = "cpu" if device in (None, "meta") else device
         names = materialize(ctx.model, device)
+        if device != "cpu":
+            ctx.model.to(device)  # buffers were built on the CPU (init_empty_weights(include_buffers=False))
         pending = ctx.state.pop("pending_rows", {})
         rows = fill_grown_rows(ctx.model, pending, bool(ctx.options.get("mean_resizing", True)))
         initialized = set(names)
