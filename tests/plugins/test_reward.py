@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _dschat_reference import end_scores, pairwise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -12,6 +11,8 @@ from torch import nn
 from hfbuilder import BuilderInputError, HFBuilderError, ModelBuilder
 from hfbuilder.plugins.reward import RewardModel
 from hfbuilder.testing import EOS_ID, PAD_ID
+
+from ._dschat_reference import end_scores, pairwise
 
 #: The three families the issue names; OPT pads the first token (num_padding_at_beginning=1).
 FAMILIES = [("opt", 1), ("llama", 0), ("gpt_neox", 0)]
