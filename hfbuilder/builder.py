@@ -145,11 +145,61 @@ class ModelBuilder:
             raise UnknownHeadError(f"with_head() needs a head name, got {name!r}")
         return self.with_options(head=name, head_options=_frozen(options))
 
-    def with_checkpoint(self, path: str | os.PathLike[str] | None = None) -> ModelBuilder:
-        """Load the whole (wrapped) model's weights from ``path`` strictly; implies deferred weights."""
+    def with_checkpoint(self, path: str | os.PathLike[str] | None = None, *, strict: bool = True) -> ModelBuilder:
+        """Load the whole (wrapped) model's weights from ``path`` strictly; implies deferred weights.
+
+        ``strict=False`` turns missing and unexpected keys into warnings; what is
+        missing is then initialized and named in the report.
+        """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise BuilderInputError(f"checkpoint path must be a path, got {path!r}")
-        return self.with_options(checkpoint=os.fspath(path) if path is not None else self.model_name_or_path, deferred=True)
+        if not isinstance(strict, bool):
+            raise BuilderInputError(f"with_checkpoint(strict=...) must be True or False, got {strict!r}")
+        return self.with_options(
+            checkpoint=os.fspath(path) if path is not None else self.model_name_or_path,
+            checkpoint_strict=strict,
+            deferred=True,
+        )
+
+    def with_fp32_loss(self) -> ModelBuilder:
+        """Compute the loss in fp32 (DeepSpeed-Chat's ``causal_lm_model_to_fp32_loss``)."""
+        return self.with_options(fp32_loss=True)
+
+    def with_lora(
+        self,
+        r: int = 8,
+        alpha: float = 1.0,
+        dropout: float = 0.0,
+        target_modules: str | list[str] | None = None,
+        only_optimize_lora: bool = False,
+    ) -> ModelBuilder:
+        """Add LoRA adapters through peft.
+
+        ``alpha`` defaults to DeepSpeed-Chat's ``lora_scaling=1``; ``target_modules``
+        is peft's (module-name suffixes, a regex, ``"all-linear"``, or None for peft's
+        default for the model type).
+        """
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise BuilderInputError(f"LoRA rank r must be a positive int, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+            raise BuilderInputError(f"LoRA alpha must be a positive number, got {alpha!r}")
+        if target_modules is not None and not isinstance(target_modules, str):
+            try:
+                target_modules = list(target_modules)
+            except TypeError:
+                raise BuilderInputError(f"target_modules must be a str or a list of str, got {target_modules!r}") from None
+            if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+                raise BuilderInputError(f"target_modules must hold module names, got {target_modules!r}")
+        if not isinstance(only_optimize_lora, bool):
+            raise BuilderInputError(f"only_optimize_lora must be True or False, got {only_optimize_lora!r}")
+        lora = {
+            "r": r,
+            "alpha": alpha,
+            "dropout": check_probability(dropout, "LoRA dropout"),
+            "target_modules": tuple(target_modules) if isinstance(target_modules, list) else target_modules,
+            "only_optimize_lora": only_optimize_lora,
+        }
+        return self.with_options(lora=_frozen(lora))
 
     def frozen(self) -> ModelBuilder:
         """Return the model in eval mode with ``requires_grad=False`` (reference, reward_eval)."""

@@ -18,6 +18,7 @@ PROVENANCE_RESIZED = "resized"  # rows added by the resize stage
 PROVENANCE_HEAD_INIT = "head_init"  # a head created it and initialized it
 PROVENANCE_INITIALIZED = "initialized"  # the model's own _init_weights (no weights to load)
 PROVENANCE_UNINITIALIZED = "uninitialized"  # deferred, nothing filled it yet
+PROVENANCE_ADAPTER_INIT = "adapter_init"  # a LoRA adapter the lora stage added (peft's init)
 
 
 @dataclass

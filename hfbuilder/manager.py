@@ -30,6 +30,13 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "hfbuilder.plugins.token_align",
     "hfbuilder.plugins.resize",
     "hfbuilder.plugins.head",
+    "hfbuilder.plugins.checkpoint",
+    "hfbuilder.plugins.materialize",
+    "hfbuilder.plugins.lora",
+    "hfbuilder.plugins.fp32_loss",
+    "hfbuilder.plugins.freeze",
+    "hfbuilder.plugins.reward",
+    "hfbuilder.plugins.phases",
     "hfbuilder.plugins.run",
     "hfbuilder.plugins.report",
 )

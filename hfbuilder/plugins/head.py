@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..context import BuildContext
+from ..context import PROVENANCE_HEAD_INIT, PROVENANCE_UNINITIALIZED, BuildContext
 from ..errors import UnknownHeadError
 from ..hookspecs import hookimpl
 from ..stage import Head, Stage
@@ -36,8 +36,34 @@ class HeadStage(Stage):
 
     def run(self, ctx: BuildContext) -> None:
         head, options = selected_head(ctx)
+        before = {id(p): ctx.report.provenance.get(n) for n, p in ctx.model.named_parameters()}
         ctx.model = head.wrap(ctx.model, ctx, **options)
         ctx.note(f"wrapped in head {head.name!r} -> {type(ctx.model).__name__}")
+        remap_provenance(ctx, before)
+
+
+def remap_provenance(ctx: BuildContext, before: dict[int, str | None]) -> None:
+    """Re-key the provenance map by the wrapped model's names (a head renames every parameter).
+
+    Parameters are matched by identity; the ones the head created are ``head_init``
+    (``uninitialized`` while still on the meta device); ones the head dropped (an LM
+    head under a reward head) leave the map.
+    """
+    provenance: dict[str, str] = {}
+    kept: set[int] = set()
+    for name, p in ctx.model.named_parameters():
+        if id(p) in before:
+            kept.add(id(p))
+            source = before[id(p)]
+        else:
+            source = PROVENANCE_UNINITIALIZED if p.is_meta else PROVENANCE_HEAD_INIT
+        if source is not None:
+            provenance[name] = source
+    dropped = len([i for i in before if i not in kept])
+    ctx.report.provenance.clear()
+    ctx.report.provenance.update(provenance)
+    if dropped:
+        ctx.note(f"the head left out {dropped} parameter tensor(s) of the model it wraps")
 
 
 @hookimpl

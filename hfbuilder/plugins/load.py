@@ -41,6 +41,10 @@ class LoadStage(Stage):
         dtype = torch_dtype(ctx.options.get("dtype"))
         kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
         if ctx.options.get("deferred"):
+            if kwargs.get("dtype") == "auto":
+                # from_config has no "auto": build in the config's dtype; the checkpoint
+                # stage then keeps each tensor's dtype as the checkpoint stores it.
+                del kwargs["dtype"]
             ctx.model = self._architecture(ctx, config, kwargs)
             return
         device = ctx.options.get("device")
@@ -79,6 +83,9 @@ class LoadStage(Stage):
             # Parameters on the meta device, buffers (rotary inv_freq...) real: no init work.
             with init_empty_weights(include_buffers=False):
                 model = ctx.model_class.from_config(config, **kwargs)
+            # init_empty_weights re-creates every registered parameter, which unties
+            # the tied ones (lm_head from embed_tokens); tie them again, still on meta.
+            model.tie_weights()
             ctx.state["meta_build"] = True
             ctx.note(f"{type(model).__name__}.from_config on the meta device: no weight init spent")
         for name, _ in model.named_parameters():

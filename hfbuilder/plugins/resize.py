@@ -80,9 +80,18 @@ class ResizeStage(Stage):
             return
         if target < current:
             ctx.warn(f"shrinking the vocabulary from {current} to {target} rows (resize_allow_shrink)")
-        model.resize_token_embeddings(target, mean_resizing=bool(ctx.options.get("mean_resizing", True)))
+        mean_resizing = bool(ctx.options.get("mean_resizing", True))
+        # A deferred build has its embeddings on the meta device: there are no rows to
+        # average yet. The new rows stay deferred; the checkpoint or materialize stage fills them.
+        deferred = not ctx.zero3 and model.get_input_embeddings().weight.is_meta
+        model.resize_token_embeddings(target, mean_resizing=mean_resizing and not deferred)
         if target > current:
             mark_resized(ctx, model, current, target)
+            if deferred:
+                matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                            if m is not None}
+                ctx.state["resized_rows"] = [(w, current, target) for w in matrices.values()]
+                ctx.note(f"rows {current}:{target} deferred (meta device) until the checkpoint or materialize stage")
         ctx.note(f"resize_token_embeddings {current} -> {target}")
 
 

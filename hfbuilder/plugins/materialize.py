@@ -1,0 +1,198 @@
+"""The ``materialize`` stage: give every tensor still on the meta device real, initialized memory.
+
+A deferred build makes the model on the meta device so that no time goes into
+initializing weights a checkpoint overwrites. Whatever nothing filled (rows the
+resize stage added, a head the checkpoint lacks, or everything when there is no
+checkpoint) is initialized here with the model's own ``_init_weights``, the way
+``from_pretrained`` initializes missing keys: loaded tensors carry transformers'
+``_is_hf_initialized`` flag, which ``initialize_weights`` and its guarded
+``init.*`` functions skip. Nothing is left as ``torch.empty`` garbage: new memory
+starts as NaN and the stage fails if any survives initialization.
+
+Under ZeRO-3 transformers builds inside ``zero.Init`` and initializes there, so
+this stage has nothing to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..context import PROVENANCE_INITIALIZED, BuildContext
+from ..errors import InvariantError
+from ..hookspecs import hookimpl
+from ..stage import Stage
+
+_LIST_AT_MOST = 12
+
+
+def _owners(model: Any) -> dict[int, list[tuple[Any, str, str, bool]]]:
+    """id(tensor) -> every (module, attribute, full name, is_parameter) that holds it (tied weights: several)."""
+    owners: dict[int, list[tuple[Any, str, str, bool]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        for attr, t in module._parameters.items():
+            if t is not None:
+                owners.setdefault(id(t), []).append((module, attr, prefix + attr, True))
+        for attr, t in module._buffers.items():
+            if t is not None:
+                owners.setdefault(id(t), []).append((module, attr, prefix + attr, False))
+    return owners
+
+
+def _outermost_pretrained(model: Any) -> list[tuple[str, Any]]:
+    from transformers import PreTrainedModel
+
+    found: list[tuple[str, Any]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and not any(name.startswith(f"{n}.") or n == "" for n, _ in found):
+            found.append((name, module))
+    return found
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts))]
+
+
+def materialize(model: Any, device: Any) -> list[str]:
+    """Replace meta tensors with initialized ones; return the names initialized (one per tensor)."""
+    import torch
+
+    owners = _owners(model)
+    tensors = {tid: getattr(entries[0][0], "_parameters" if entries[0][3] else "_buffers")[entries[0][1]]
+               for tid, entries in owners.items()}
+    meta = [tid for tid, t in tensors.items() if t.is_meta]
+    if not meta:
+        return []
+    new_ids: set[int] = set()
+    new_tensors: dict[str, Any] = {}
+    touched_modules: set[str] = set()
+    for tid in meta:
+        old = tensors[tid]
+        data = torch.empty(old.shape, dtype=old.dtype, device=device)
+        data.fill_(float("nan") if data.is_floating_point() or data.is_complex() else 0)
+        new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
+        for module, attr, full, is_param in owners[tid]:
+            (module._parameters if is_param else module._buffers)[attr] = new
+            touched_modules.add(full.rpartition(".")[0])
+        new_ids.add(id(new))
+        new_tensors[owners[tid][0][2]] = new
+
+    # Loaded tensors are marked initialized so transformers' init skips them; the
+    # modules holding new tensors (and their parents, whose _init_weights may reach
+    # into children) are unmarked so it visits them.
+    flagged = []
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in new_ids and not getattr(t, "_is_hf_initialized", False):
+            t._is_hf_initialized = True
+            flagged.append(t)
+    for name in touched_modules:
+        for ancestor in [*_ancestors(name), name] if name else [""]:
+            model.get_submodule(ancestor)._is_hf_initialized = False
+    try:
+        pretrained = _outermost_pretrained(model)
+        for _, pm in pretrained:
+            pm.initialize_weights()
+        for name in new_tensors:
+            if not any(n == "" or name.startswith(f"{n}.") for n, _ in pretrained):
+                _reset_foreign(model, name, new_ids)
+    finally:
+        for t in flagged:
+            del t._is_hf_initialized
+    left = [n for n, t in new_tensors.items() if t.is_floating_point() and bool(torch.isnan(t).any())]
+    if left:
+        raise InvariantError(
+            f"these tensors were still uninitialized after the model's _init_weights: {left[:_LIST_AT_MOST]}; "
+            "initialize them in your plugin (or give their module a reset_parameters())"
+        )
+    return sorted(new_tensors)
+
+
+def _reset_foreign(model: Any, name: str, new_ids: set[int]) -> None:
+    """A tensor outside every transformers model (a head's): its module's own ``reset_parameters``."""
+    owner_name = name.rpartition(".")[0]
+    module = model.get_submodule(owner_name) if owner_name else model
+    own = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+    if not hasattr(module, "reset_parameters") or any(id(t) not in new_ids for t in own):
+        raise InvariantError(
+            f"cannot initialize {name!r}: it is outside every transformers model and its module "
+            f"{type(module).__name__} has no reset_parameters() that would leave loaded tensors alone"
+        )
+    import torch
+
+    with torch.no_grad():
+        module.reset_parameters()
+
+
+def fill_grown_rows(model: Any, pending: dict[str, tuple[int, int]], mean_resizing: bool) -> list[str]:
+    """Rows the resize stage added and the checkpoint did not have: their mean, or transformers' normal init."""
+    import torch
+
+    done = []
+    config = getattr(model, "config", None)
+    std = getattr(config, "initializer_range", None) or getattr(config, "init_std", None) or 0.02
+    with torch.no_grad():
+        for name, (old, new) in pending.items():
+            weight = model.get_parameter(name)
+            rows = weight[old:new]
+            if mean_resizing:
+                rows.copy_(weight[:old].float().mean(0, keepdim=True).to(weight.dtype).expand_as(rows))
+            else:
+                rows.normal_(0.0, std)
+            done.append(f"{name}[{old}:{new}]")
+    return done
+
+
+class MaterializeStage(Stage):
+    """In the plan with deferred weights; runs after resize, head and checkpoint."""
+
+    name = "materialize"
+    after = ("resize", "head", "checkpoint")
+
+    def enabled(self, options: dict[str, Any]) -> bool:
+        return bool(options.get("deferred"))
+
+    def explain(self, ctx: BuildContext) -> list[str]:
+        if ctx.zero3:
+            return ["nothing: under ZeRO-3 transformers initializes inside zero.Init"]
+        if ctx.options.get("checkpoint") is None:
+            return ["WARNING: no checkpoint: every weight is randomly initialized (_init_weights), not pretrained"]
+        return ["initialize whatever the checkpoint did not fill (reported by name)"]
+
+    def run(self, ctx: BuildContext) -> None:
+        has_checkpoint = ctx.options.get("checkpoint") is not None
+        if not has_checkpoint:
+            ctx.warn(
+                "deferred weights without a checkpoint: the weights are randomly initialized, not pretrained; "
+                "load them before training (e.g. .with_checkpoint(path))"
+            )
+        if ctx.zero3:
+            ctx.note("ZeRO-3: transformers initialized the model inside zero.Init; nothing to materialize")
+            return
+        device = ctx.options.get("device")
+        device = "cpu" if device in (None, "meta") else device
+        names = materialize(ctx.model, device)
+        if device != "cpu":
+            ctx.model.to(device)  # buffers were built on the CPU (init_empty_weights(include_buffers=False))
+        pending = ctx.state.pop("pending_rows", {})
+        rows = fill_grown_rows(ctx.model, pending, bool(ctx.options.get("mean_resizing", True)))
+        initialized = set(names)
+        for name, _ in ctx.model.named_parameters():
+            if name in initialized or (ctx.report.provenance.get(name, "").startswith("uninitialized")):
+                ctx.report.provenance[name] = PROVENANCE_INITIALIZED
+        if not names and not rows:
+            ctx.note("every tensor was filled; nothing to initialize")
+            return
+        shown = names[:_LIST_AT_MOST] + ([f"... and {len(names) - _LIST_AT_MOST} more"] if len(names) > _LIST_AT_MOST else [])
+        if names:
+            ctx.note(f"initialized {len(names)} tensor(s) with the model's _init_weights: {', '.join(shown)}")
+        if rows:
+            how = "the mean of the loaded rows" if ctx.options.get("mean_resizing", True) else "a normal init"
+            ctx.note(f"filled rows added by resize with {how}: {', '.join(rows)}")
+        if has_checkpoint and names:
+            ctx.warn(f"the checkpoint did not provide {len(names)} tensor(s); they were initialized: {', '.join(shown)}")
+
+
+@hookimpl
+def hfbuilder_stages() -> list[Stage]:
+    return [MaterializeStage()]
