@@ -2,7 +2,8 @@
 
 These run with ``device="cpu"``: the load stage takes exactly the same path for ``"cuda"``
 (the device goes to ``from_pretrained`` as ``device_map``, so transformers streams each
-tensor from the file to the device), which the GPU benchmark measures.
+tensor from the file to the device), which the GPU benchmark measures. The checkpoint stage
+(deferred weights) is held to the same rule: it asks its reader for each tensor on the device.
 """
 
 from __future__ import annotations
@@ -103,3 +104,46 @@ def test_bad_dtype(saved, tokenizer_for, bad):
 def test_bad_device(saved, tokenizer_for, bad):
     with pytest.raises(BuilderInputError, match="device"):
         builder(saved["float32"], tokenizer_for).on_device(bad)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_checkpoint_stage_reads_straight_onto_the_device(tmp_path, saved, tokenizer_for, monkeypatch, fmt):
+    """The critic path: every tensor is asked of the reader on ``options["device"]``, not moved after."""
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    from hfbuilder.checkpoint_io import CheckpointReader
+
+    path = saved["float32"]
+    tok = tokenizer_for(path)
+    reward = ModelBuilder(AutoModel, path, tok).with_head("reward", num_padding_at_beginning=1).build()
+    state = {k: v.detach().clone() for k, v in reward.state_dict().items()}
+    out = tmp_path / "step2"
+    reward.config.save_pretrained(out)
+    tok.save_pretrained(out)
+    if fmt == "bin":
+        torch.save(state, out / "pytorch_model.bin")
+    else:
+        save_file(state, str(out / "model.safetensors"))
+
+    asked: list[object] = []
+    real_get_tensor = CheckpointReader.get_tensor
+
+    def get_tensor(self, key, device=None):
+        asked.append(device)
+        return real_get_tensor(self, key, device=device)
+
+    monkeypatch.setattr(CheckpointReader, "get_tensor", get_tensor)
+    critic = (
+        ModelBuilder(AutoModel, out, tok)
+        .with_head("reward", num_padding_at_beginning=1)
+        .with_checkpoint()
+        .with_dtype("float16")
+        .on_device("cpu")
+        .build()
+    )
+    assert asked and set(asked) == {"cpu"}
+    assert {t.device.type for t in critic.state_dict().values()} == {"cpu"}
+    assert {p.dtype for p in critic.parameters()} == {torch.float16}
+    for name, value in critic.state_dict().items():
+        torch.testing.assert_close(value, state[name].to(torch.float16), rtol=0, atol=0, msg=name)
