@@ -744,8 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, case in results["cases"].items():
         for r in case.get("ratios", []):
             if isinstance(r["value"], float):
-                verdict = "for information" if r["met"] is None else ("met" if r["met"] else "NOT met")
-                log(f"{name}: {r['ratio']} = {r['value']:.3f} (goal {r['goal']}: {verdict})")
+                verdict = "" if r["met"] is None else (": met" if r["met"] else ": NOT met")
+                goal = r["goal"] if r["met"] is None else f"goal {r['goal']}"
+                log(f"{name}: {r['ratio']} = {r['value']:.3f} ({goal}{verdict})")
     return 0
 
 
