@@ -79,7 +79,7 @@ def test_summary_ratios_and_markdown(bench):
     assert ratios["hfbuilder / safetensors"]["value"] == 2 and ratios["hfbuilder / safetensors"]["met"] is False
     text = bench.markdown({"meta": {"date": "d", "device": "H100", "reps_note": "r"}, "cases": {"device": entry}})
     assert "| device | opt-1.3b | cuda | dschat | 4.000 |" in text
-    assert "| device | dschat / hfbuilder | 4.000 | >= 3 | yes |" in text
+    assert "| device | dschat / hfbuilder | 4.000 | 3.000 | >= 3 | yes |" in text  # per-round: 3, 4, 1.8
 
 
 def test_runner_end_to_end_tiny(tmp_path):
