@@ -18,6 +18,7 @@ from .errors import BuilderInputError, HFBuilderError, StageError, UnknownHeadEr
 from .manager import Plugins
 from .ordering import Entry, resolve
 from .stage import Stage
+from .verify import carry_provenance, finish_build, invariant_mode, parameter_ids
 
 
 def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -264,6 +265,7 @@ class ModelBuilder:
         head = ctx.options.get("head")
         if head is not None and head not in ctx.heads:
             raise UnknownHeadError(f"unknown head {head!r}; known heads: {sorted(ctx.heads) or 'none'}")
+        invariant_mode(ctx.options)
         return ctx
 
     def _resolve(self) -> tuple[Plugins, list[Entry]]:
@@ -279,7 +281,11 @@ class ModelBuilder:
         return self.build_with_report()[0]
 
     def build_with_report(self) -> tuple[Any, BuildReport]:
-        """Build the model and return it with a :class:`BuildReport` (per-stage time, memory, actions)."""
+        """Build the model and return it with a :class:`BuildReport`.
+
+        The report has each stage's time, memory, actions and facts, the provenance of every
+        parameter, and the invariants checked after the last stage (see :mod:`hfbuilder.verify`).
+        """
         plugins, order = self._resolve()
         ctx = self._context(plugins, order)
         start = time.perf_counter()
@@ -290,7 +296,12 @@ class ModelBuilder:
             for entry in order:
                 ctx.current_stage = entry.name
                 ctx.report.stages.append(StageRecord(entry.name, entry.provider))
+                before = parameter_ids(ctx.model)
                 _guard(entry, "run", plugins.run_stage, entry.stage, ctx)
+                carry_provenance(ctx, before)
+            ctx.current_stage = None
+            if ctx.model is not None:
+                finish_build(ctx)
         finally:
             ctx.current_stage = None
             ctx.close()
