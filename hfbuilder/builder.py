@@ -15,6 +15,7 @@ from typing import Any
 
 from .context import BuildContext, BuildReport, StageRecord, zero_stage_of
 from .errors import BuilderInputError, HFBuilderError, StageError, UnknownHeadError
+from .explain import Explanation, StageExplanation, default_world_size, estimate_memory
 from .manager import Plugins
 from .ordering import Entry, resolve
 from .stage import Stage
@@ -275,6 +276,63 @@ class ModelBuilder:
     def plan(self) -> list[str]:
         """The names of the stages ``build()`` will run, in order. Reads no weights."""
         return [e.name for e in self._resolve()[1]]
+
+    def explain(self, world_size: int | None = None) -> Explanation:
+        """A dry run: what each stage of the plan will do, reading config files but no weights.
+
+        Every stage's ``check`` runs first; a failing check does not raise but shows up in
+        ``Explanation.errors`` (``ok`` is False), so one call lists every problem. A plan that
+        cannot be resolved (unknown head, stage order) raises as in :meth:`build`.
+        ``world_size`` (default: torch.distributed's, else ``$WORLD_SIZE``, else 1) splits
+        the memory estimate under ZeRO-3.
+        """
+        if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
+            raise BuilderInputError(f"world_size must be a positive int, got {world_size!r}")
+        plugins, order = self._resolve()
+        ctx = self._context(plugins, order)
+        ctx.dry_run = True
+        failed: dict[str, HFBuilderError] = {}
+        stages: list[StageExplanation] = []
+        try:
+            for entry in order:
+                ctx.current_stage = entry.name
+                try:
+                    _guard(entry, "check", entry.stage.check, ctx)
+                except HFBuilderError as exc:
+                    failed[entry.name] = exc
+            stopped: str | None = None
+            for entry in order:
+                ctx.current_stage = entry.name
+                record = StageRecord(entry.name, entry.provider)
+                ctx.report.stages.append(record)
+                seen = len(ctx.report.warnings)
+                lines: list[str] = []
+                if stopped is None:
+                    try:
+                        lines = list(_guard(entry, "explain", entry.stage.explain, ctx) or [])
+                    except HFBuilderError as exc:
+                        failed.setdefault(entry.name, exc)
+                        stopped = entry.name
+                else:
+                    lines = [f"not explained: stage {stopped!r} could not be explained"]
+                error = failed.get(entry.name)
+                stages.append(StageExplanation(
+                    entry.name, entry.provider, record.actions + [str(x) for x in lines], record.facts,
+                    ctx.report.warnings[seen:], str(error) if error is not None else None,
+                ))
+        finally:
+            ctx.current_stage = None
+            ctx.close()
+        return Explanation(
+            model_class=getattr(self.model_class, "__name__", repr(self.model_class)),
+            model_name_or_path=self.model_name_or_path,
+            plan=[e.name for e in order],
+            stages=stages,
+            zero3=ctx.zero3,
+            invariants=invariant_mode(ctx.options),
+            memory=estimate_memory(stages, ctx.zero3, world_size or default_world_size()),
+            exceptions=list(failed.values()),
+        )
 
     def build(self) -> Any:
         """Build and return the model (a ``torch.nn.Module``)."""
