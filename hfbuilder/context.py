@@ -191,7 +191,7 @@ class BuildContext:
         loaded from a checkpoint calls ``ctx.expect("v_head.*", PROVENANCE_CHECKPOINT)``, and a
         build that leaves ``v_head`` initialized at random fails instead of training on noise.
         """
-        self.report.expectations.append(Expectation(pattern, source, by or self.current_stage or "?"))
+        self.report.expectations.append(Expectation(pattern, source, by or f"stage {self.current_stage!r}"))
 
     def call_on_exit(self, callback: Any, *args: Any, **kwargs: Any) -> None:
         """Run ``callback`` when the build ends, normally or by an exception (LIFO)."""
