@@ -103,6 +103,7 @@ class ModelBuilder:
         return replace(self, options=_frozen({**self.options, **options}))
 
     def without_options(self, *names: str) -> ModelBuilder:
+        """Drop options, so the stages fall back to their defaults."""
         return replace(self, options=_frozen({k: v for k, v in self.options.items() if k not in names}))
 
     def with_dropout(self, p: float) -> ModelBuilder:
@@ -216,6 +217,7 @@ class ModelBuilder:
         return replace(self, plugins=(*self.plugins, plugin))
 
     def with_stage(self, stage: Stage | type[Stage]) -> ModelBuilder:
+        """Add a stage for this builder only; its ``after``/``before`` place it in the plan."""
         return replace(self, added_stages=(*self.added_stages, _stage_instance(stage, "with_stage")))
 
     def replace_stage(self, stage: Stage | type[Stage]) -> ModelBuilder:
@@ -223,6 +225,7 @@ class ModelBuilder:
         return replace(self, replaced_stages=(*self.replaced_stages, _stage_instance(stage, "replace_stage")))
 
     def without_stage(self, name: str) -> ModelBuilder:
+        """Remove the stage called ``name`` (or the stage that replaced it) from the plan."""
         if not isinstance(name, str) or not name:
             raise BuilderInputError(f"without_stage() needs a stage name, got {name!r}")
         return replace(self, removed_stages=(*self.removed_stages, name))
