@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .context import zero_stage_of
@@ -33,6 +33,7 @@ from .errors import (
     CheckpointError,
     DistributedSetupError,
     HFBuilderError,
+    InvariantError,
     PluginError,
     UnknownHeadError,
 )
@@ -140,10 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
+def _setup_logging(args: argparse.Namespace) -> Callable[[], None]:
+    """Log hfbuilder's messages and Python warnings (``ctx.warn``) to stderr; return the undo.
+
+    Only the ``hfbuilder`` and ``py.warnings`` loggers are touched, and restored afterwards,
+    so ``main()`` can be called in-process (tests, notebooks) without leaking handlers.
+    """
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, stream=sys.stderr, format="hfbuilder: %(levelname)s: %(message)s", force=True)
-    logging.captureWarnings(True)  # ctx.warn() and library warnings become log lines on stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("hfbuilder: %(levelname)s: %(message)s"))
+    loggers = [logging.getLogger("hfbuilder"), logging.getLogger("py.warnings")]
+    saved = [(logger, logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+    logging.captureWarnings(True)
+
+    def restore() -> None:
+        logging.captureWarnings(False)
+        for logger, old_level, propagate in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            logger.propagate = propagate
+
+    return restore
 
 
 def _quiet_libraries() -> None:
@@ -285,8 +307,6 @@ def _write_report(path: str | None, report: Any) -> None:
 
 def _save(model: Any, tokenizer: Any, out: str, zero3: bool) -> None:
     """save_pretrained (safetensors) when the model has it, else safetensors' save_model; rank 0 only."""
-    import contextlib
-
     rank = 0
     gather: Any = contextlib.nullcontext()
     if zero3:
@@ -313,8 +333,6 @@ def _save(model: Any, tokenizer: Any, out: str, zero3: bool) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
-
-    from .errors import InvariantError
 
     with stdout_to_stderr():
         builder = _builder(args)
@@ -417,7 +435,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args)
+    restore_logging = _setup_logging(args)
     try:
         return args.func(args)
     except HFBuilderError as exc:
@@ -434,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s: %s", type(exc).__name__, exc)
         log.info("traceback", exc_info=True)
         return EXIT_FAILED
+    finally:
+        restore_logging()
 
 
 __all__ = ["build_parser", "exit_code", "main"]

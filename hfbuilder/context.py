@@ -20,9 +20,6 @@ PROVENANCE_INITIALIZED = "initialized"  # the model's own _init_weights (no weig
 PROVENANCE_UNINITIALIZED = "uninitialized"  # deferred, nothing filled it yet
 PROVENANCE_ADAPTER_INIT = "adapter_init"  # a LoRA adapter the lora stage added (peft's init)
 
-#: Sources that read a parameter's values from a file.
-FILE_PROVENANCES: frozenset[str] = frozenset({PROVENANCE_PRETRAINED, PROVENANCE_CHECKPOINT})
-
 
 def provenance_origin(value: str) -> str:
     """The source a provenance entry starts from: ``"pretrained+resized[45:48]"`` -> ``"pretrained"``.
@@ -216,7 +213,6 @@ def zero_stage_of(ds_config: dict[str, Any] | None) -> int | None:
 
 
 __all__ = [
-    "FILE_PROVENANCES",
     "PROVENANCE_CHECKPOINT",
     "PROVENANCE_HEAD_INIT",
     "PROVENANCE_INITIALIZED",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointError
@@ -74,7 +74,6 @@ class WeightFiles:
     format: str
     files: list[str]
     index: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
 
     def file_infos(self) -> list[FileInfo]:
         out = [FileInfo(self.index, FORMAT_JSON, _size(self.index))] if self.index else []
@@ -107,7 +106,7 @@ def _from_index(index: str) -> WeightFiles:
         raise CheckpointError(f"checkpoint index {index!r} has no weight_map")
     folder = os.path.dirname(index)
     files = [os.path.join(folder, f) for f in dict.fromkeys(weight_map.values())]
-    return WeightFiles(_format_of(files[0]), files, index, data.get("metadata") or {})
+    return WeightFiles(_format_of(files[0]), files, index)
 
 
 def find_weights(path: str | os.PathLike[str]) -> WeightFiles:

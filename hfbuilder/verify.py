@@ -165,4 +165,12 @@ def finish_build(ctx: BuildContext) -> None:
     )
 
 
-__all__ = ["INVARIANT_MODES", "carry_provenance", "check_invariants", "complete_provenance", "finish_build", "invariant_mode"]
+__all__ = [
+    "INVARIANT_MODES",
+    "carry_provenance",
+    "check_invariants",
+    "complete_provenance",
+    "finish_build",
+    "invariant_mode",
+    "parameter_ids",
+]
