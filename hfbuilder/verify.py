@@ -93,9 +93,10 @@ def _finite(t: Any) -> bool:
     if t.is_meta or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return True
     t = t.detach()
-    # A float64 sum is finite iff no element is NaN/inf (short of a 1e308 overflow); it needs
-    # no tensor-sized temporary. Confirm a failure elementwise.
-    if bool(torch.isfinite(t.sum(dtype=torch.complex128 if t.is_complex() else torch.float64))):
+    # A sum is finite iff no element is NaN/inf, unless it overflows (fp16 past 65504): one
+    # fast pass with no tensor-sized temporary (a float64 sum is ~20x slower on CPU).
+    # A non-finite sum is confirmed elementwise, so an overflow is never reported.
+    if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 
