@@ -387,48 +387,48 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .explain import human_bytes
-    from .files import find_weights, guess_layout, read_json, read_tensors
+    from .files import guess_layout, read_json, summarize
 
-    files = find_weights(args.checkpoint)
     progress = None
-    if len(files.files) > 1 and not args.quiet:
+    if not args.quiet:
         from tqdm.auto import tqdm
 
-        def progress(paths: Any) -> Any:
-            return tqdm(paths, desc="headers", unit="file", file=sys.stderr)
+        def progress(keys: Any) -> Any:
+            return tqdm(keys, desc="headers", unit="tensor", file=sys.stderr)
 
     with stdout_to_stderr():
-        tensors = read_tensors(files, progress)
+        ckpt = summarize(args.checkpoint, progress)
     folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
     config = read_json(os.path.join(folder, "config.json"))
-    layout = guess_layout([t.name for t in tensors], config)
+    layout = guess_layout(ckpt.tensors, config)
     dtypes: dict[str, int] = {}
-    for t in tensors:
+    for t in ckpt.tensors.values():
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
     summary = {
         "checkpoint": args.checkpoint,
-        "format": files.format,
-        "files": [f.to_dict() for f in files.file_infos()],
+        "format": ckpt.format,
+        "files": [f.to_dict() for f in ckpt.files],
         "layout": layout.name,
         "evidence": layout.evidence,
-        "tensors": len(tensors),
-        "values": sum(t.numel for t in tensors),
+        "tensors": len(ckpt.tensors),
+        "values": ckpt.values,
         "dtypes": dtypes,
         "architectures": (config or {}).get("architectures"),
     }
     if args.json:
-        _print_json({**summary, "keys": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in tensors]})
+        keys = [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in ckpt.tensors.items()]
+        _print_json({**summary, "keys": keys})
         return EXIT_OK
-    size = sum(f["bytes"] or 0 for f in summary["files"])
+    size = sum(f.bytes or 0 for f in ckpt.files)
     print(f"checkpoint: {args.checkpoint}")
-    print(f"format:     {files.format}, {len(files.files)} file(s), {human_bytes(size)}")
+    print(f"format:     {ckpt.format}, {len(ckpt.files)} file(s), {human_bytes(size)}")
     print(f"layout:     {layout.name} ({layout.evidence})")
-    print(f"tensors:    {len(tensors)}, {summary['values']:,} values; dtypes "
+    print(f"tensors:    {len(ckpt.tensors)}, {ckpt.values:,} values; dtypes "
           + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
-    width = max((len(t.name) for t in tensors), default=4)
+    width = max((len(k) for k in ckpt.tensors), default=4)
     print(f"{'key':<{width}}  {'shape':<16} dtype")
-    for t in tensors:
-        print(f"{t.name:<{width}}  {str(list(t.shape)):<16} {t.dtype}")
+    for k, t in ckpt.tensors.items():
+        print(f"{k:<{width}}  {str(list(t.shape)):<16} {t.dtype}")
     return EXIT_OK
 
 

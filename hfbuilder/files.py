@@ -1,43 +1,33 @@
-"""Checkpoint files without their weights: which files a path holds, their tensors' names,
-shapes and dtypes (from safetensors headers and index files), and whose layout they follow.
+"""What a checkpoint holds, without its weights: files, formats, tensor names, shapes and
+dtypes, the model keys they load into, and whose layout they follow.
 
-``explain()`` and ``hfbuilder inspect`` use it; neither reads a weight. safetensors headers
-are read with ``safe_open(..., framework="numpy")`` and ``get_slice``, which touch only the
-header. A ``.bin`` file is a pickle: listing it needs ``torch.load(weights_only=True,
-mmap=True)``, which refuses code and maps rather than reads the data.
+``explain()`` and ``hfbuilder inspect`` use it; neither reads a weight. Files are opened with
+:class:`hfbuilder.checkpoint_io.CheckpointReader` (safetensors headers through ``get_slice``;
+a ``.bin`` through ``torch.load(weights_only=True, mmap=True)``, which refuses code).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .checkpoint_io import CheckpointReader, TensorInfo
 from .errors import CheckpointError
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_WEIGHTS = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_BIN = "adapter_model.bin"
-
-#: safetensors dtype names -> torch's, and the bytes per element of each.
-DTYPE_NAMES: dict[str, str] = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
+#: Bytes per element of each torch dtype name, for memory estimates.
 DTYPE_BYTES: dict[str, int] = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
     "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
-}
+}  # fmt: skip
 
 FORMAT_SAFETENSORS = "safetensors"
 FORMAT_PICKLE = "pytorch pickle (torch.load, weights_only=True)"
 FORMAT_JSON = "json"
+_FORMATS = {"safetensors": FORMAT_SAFETENSORS, "bin": FORMAT_PICKLE}
 
 
 @dataclass(frozen=True)
@@ -48,141 +38,58 @@ class FileInfo:
     format: str
     bytes: int | None = None
 
+    @classmethod
+    def of(cls, path: str, format: str) -> FileInfo:
+        return cls(path, format, os.path.getsize(path) if os.path.isfile(path) else None)
+
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "format": self.format, "bytes": self.bytes}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    file: str
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
 @dataclass
-class WeightFiles:
-    """The weight files of a checkpoint: format, files in load order, and the index if sharded."""
+class CheckpointSummary:
+    """A checkpoint's format, files (index first) and tensors, read from headers only."""
 
     format: str
-    files: list[str]
-    index: str | None = None
+    files: list[FileInfo]
+    tensors: dict[str, TensorInfo]
 
-    def file_infos(self) -> list[FileInfo]:
-        out = [FileInfo(self.index, FORMAT_JSON, _size(self.index))] if self.index else []
-        return out + [FileInfo(f, self.format, _size(f)) for f in self.files]
+    def numel(self, name: str) -> int:
+        return math.prod(self.tensors[name].shape)
 
-
-def _size(path: str) -> int | None:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return None
+    @property
+    def values(self) -> int:
+        return sum(self.numel(name) for name in self.tensors)
 
 
-def _format_of(path: str) -> str:
-    if path.endswith(".safetensors"):
-        return FORMAT_SAFETENSORS
-    if path.endswith((".bin", ".pt", ".pth")):
-        return FORMAT_PICKLE
-    raise CheckpointError(f"{path!r} is not a checkpoint file (expected .safetensors, .bin, .pt, .pth or an index .json)")
+def _single_weights_file(path: str) -> str:
+    """A directory without the standard names (a PEFT adapter, a renamed file) but one weights file."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
+        if len(found) == 1:
+            return os.path.join(path, found[0])
+    return path
 
 
-def _from_index(index: str) -> WeightFiles:
-    try:
-        with open(index, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read checkpoint index {index!r}: {exc}") from exc
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"checkpoint index {index!r} has no weight_map")
-    folder = os.path.dirname(index)
-    files = [os.path.join(folder, f) for f in dict.fromkeys(weight_map.values())]
-    return WeightFiles(_format_of(files[0]), files, index)
-
-
-def find_weights(path: str | os.PathLike[str]) -> WeightFiles:
-    """The weight files at ``path`` (a directory, a weights file or an index), in transformers' order of preference.
-
-    safetensors first, sharded or not; then ``pytorch_model.bin``; then a PEFT adapter.
-    """
+def summarize(path: str | os.PathLike[str], progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+              ) -> CheckpointSummary:
+    """Format, files and every tensor's shape and dtype; ``progress`` wraps the keys (e.g. ``tqdm``)."""
     path = os.fspath(path)
-    if os.path.isfile(path):
-        if path.endswith(".json"):
-            return _from_index(path)
-        return WeightFiles(_format_of(path), [path])
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path {path!r} does not exist")
-    for name in (SAFE_INDEX, SAFE_WEIGHTS, BIN_INDEX, BIN_WEIGHTS, ADAPTER_WEIGHTS, ADAPTER_BIN):
-        candidate = os.path.join(path, name)
-        if os.path.isfile(candidate):
-            return find_weights(candidate)
-    found = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
-    if len(found) == 1:
-        return find_weights(os.path.join(path, found[0]))
-    hint = f"; it holds {found}" if found else ""
-    raise CheckpointError(
-        f"no weights in {path!r}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}{hint}"
-    )
-
-
-def _safetensors_tensors(path: str) -> list[TensorInfo]:
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(path, framework="numpy") as fh:
-            out = []
-            for key in fh.keys():
-                piece = fh.get_slice(key)
-                dtype = piece.get_dtype()
-                out.append(TensorInfo(key, tuple(piece.get_shape()), DTYPE_NAMES.get(dtype, dtype.lower()), path))
-            return out
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot read the safetensors header of {path!r}: {exc}") from exc
-
-
-def _pickle_tensors(path: str) -> list[TensorInfo]:
-    import pickle
-
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refused to load {path!r}: it is not a plain tensor file (torch.load weights_only=True: {exc})"
-        ) from exc
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read {path!r} with torch.load: {exc}") from exc
-    if isinstance(state, Mapping) and "module" in state and isinstance(state["module"], Mapping):
-        state = state["module"]  # a DeepSpeed engine checkpoint
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path!r} holds a {type(state).__name__}, not a state dict")
-    out = []
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor):
-            out.append(TensorInfo(str(key), tuple(value.shape), str(value.dtype).removeprefix("torch."), path))
-    return out
-
-
-def read_tensors(files: WeightFiles, progress: Any = None) -> list[TensorInfo]:
-    """Name, shape, dtype and file of every tensor, from headers only (``.bin`` needs torch).
-
-    ``progress`` wraps the file list (e.g. ``tqdm``) for sharded checkpoints.
-    """
-    paths: Iterable[str] = progress(files.files) if progress is not None else files.files
-    out: list[TensorInfo] = []
-    for path in paths:
-        out.extend(_safetensors_tensors(path) if path.endswith(".safetensors") else _pickle_tensors(path))
-    return out
+        reader = CheckpointReader(path)
+    except CheckpointError:
+        single = _single_weights_file(path)
+        if single == path:
+            raise
+        reader = CheckpointReader(single)
+    with reader:
+        fmt = _FORMATS[reader.format]
+        index = [FileInfo.of(reader.file, FORMAT_JSON)] if reader.file.endswith(".json") else []
+        keys: Iterable[str] = reader.keys()
+        if progress is not None and len(reader.files) > 1:
+            keys = progress(keys)
+        tensors = {key: reader.info(key) for key in keys}
+        return CheckpointSummary(fmt, index + [FileInfo.of(f, fmt) for f in reader.files], tensors)
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -271,13 +178,11 @@ def guess_layout(keys: Iterable[str], config: Mapping[str, Any] | None = None) -
 
 __all__ = [
     "DTYPE_BYTES",
+    "CheckpointSummary",
     "FileInfo",
     "Layout",
-    "TensorInfo",
-    "WeightFiles",
     "checkpoint_to_model_keys",
-    "find_weights",
     "guess_layout",
     "read_json",
-    "read_tensors",
+    "summarize",
 ]

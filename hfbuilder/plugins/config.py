@@ -26,7 +26,7 @@ class ConfigStage(Stage):
         if ctx.options.get("config") is None:
             path = os.path.join(ctx.model_name_or_path, "config.json")
             if os.path.isfile(path):
-                ctx.fact("files", [FileInfo(path, FORMAT_JSON, os.path.getsize(path)).to_dict()])
+                ctx.fact("files", [FileInfo.of(path, FORMAT_JSON).to_dict()])
         self.run(ctx)
         return []
 

@@ -7,15 +7,7 @@ import os
 from typing import Any
 
 from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
-from ..files import (
-    FORMAT_JSON,
-    FileInfo,
-    TensorInfo,
-    WeightFiles,
-    checkpoint_to_model_keys,
-    find_weights,
-    read_tensors,
-)
+from ..files import FORMAT_JSON, CheckpointSummary, FileInfo, checkpoint_to_model_keys, summarize
 from ..hookspecs import hookimpl
 from ..stage import Stage
 
@@ -66,7 +58,7 @@ class LoadStage(Stage):
         if weights is None:
             lines.append("not a local directory: transformers resolves the files through the Hugging Face cache")
             return lines
-        return lines + _explain_weights(ctx, model, *weights)
+        return lines + _explain_weights(ctx, model, weights)
 
     def run(self, ctx: BuildContext) -> None:
         config = copy.deepcopy(ctx.config)  # from_config/from_pretrained mutate the config they get
@@ -137,22 +129,19 @@ def _facts(ctx: BuildContext, model: Any) -> None:
         ctx.fact("device", str(first.device))
 
 
-def _local_weights(ctx: BuildContext) -> tuple[WeightFiles, list[TensorInfo]] | None:
+def _local_weights(ctx: BuildContext) -> CheckpointSummary | None:
     """The weight files in ``model_name_or_path`` and their headers, or None for a hub name."""
-    if not os.path.isdir(ctx.model_name_or_path):
-        return None
-    files = find_weights(ctx.model_name_or_path)
-    return files, read_tensors(files)
+    return summarize(ctx.model_name_or_path) if os.path.isdir(ctx.model_name_or_path) else None
 
 
-def _explain_weights(ctx: BuildContext, model: Any, files: WeightFiles, tensors: list[TensorInfo]) -> list[str]:
+def _explain_weights(ctx: BuildContext, model: Any, weights: CheckpointSummary) -> list[str]:
     """The files from_pretrained reads, and the model's parameters no checkpoint tensor fills."""
     extra = os.path.join(ctx.model_name_or_path, "generation_config.json")
-    infos = files.file_infos() + ([FileInfo(extra, FORMAT_JSON, os.path.getsize(extra))] if os.path.isfile(extra) else [])
+    infos = weights.files + ([FileInfo.of(extra, FORMAT_JSON)] if os.path.isfile(extra) else [])
     ctx.fact("files", [f.to_dict() for f in infos])
-    stored = ", ".join(sorted({t.dtype for t in tensors}))
-    lines = [f"checkpoint: {len(tensors)} tensors, {sum(t.numel for t in tensors):,} values, stored as {stored}"]
-    renamed = checkpoint_to_model_keys(model, {t.name for t in tensors})
+    stored = ", ".join(sorted({t.dtype for t in weights.tensors.values()}))
+    lines = [f"checkpoint: {len(weights.tensors)} tensors, {weights.values:,} values, stored as {stored}"]
+    renamed = checkpoint_to_model_keys(model, weights.tensors)
     filled = set(renamed.values())
     missing = sorted(name for name, _ in model.named_parameters() if name not in filled)
     ctx.fact("missing_weights", missing)
@@ -166,7 +155,7 @@ def _explain_weights(ctx: BuildContext, model: Any, files: WeightFiles, tensors:
     return lines
 
 
-def _explain_dtype(ctx: BuildContext, weights: tuple[WeightFiles, list[TensorInfo]] | None) -> str:
+def _explain_dtype(ctx: BuildContext, weights: CheckpointSummary | None) -> str:
     """The dtype the model will have: the option, else the config's, else the checkpoint's (``auto``)."""
     dtype = ctx.options.get("dtype")
     if dtype not in (None, "auto"):
@@ -175,7 +164,7 @@ def _explain_dtype(ctx: BuildContext, weights: tuple[WeightFiles, list[TensorInf
     if configured is not None:
         return str(configured).removeprefix("torch.")
     if weights is not None:
-        for t in weights[1]:
+        for t in weights.tensors.values():
             if t.dtype.startswith(("float", "bfloat")):
                 return t.dtype
     return "float32"
