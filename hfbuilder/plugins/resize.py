@@ -76,9 +76,13 @@ class ResizeStage(Stage):
             rounded = target_vocab(n_tok, None, ctx.options.get("resize_multiple", 8), True)
             why = f"kept though {rounded} would do: resize_allow_shrink is off" if current and current > rounded else "unchanged"
             return [f"vocabulary stays {current} ({why}; len(tokenizer) = {n_tok})"]
-        rows = _embedding_width(ctx.model)
-        if rows:
-            ctx.fact("parameters_added", (target - current) * rows)
+        model = ctx.model
+        if model is not None and hasattr(model, "resize_token_embeddings"):
+            # The dry run's model is on the meta device: resizing it costs nothing and leaves
+            # later stages' explain() the real shapes (tied or not, the count is exact).
+            before = sum(p.numel() for p in model.parameters())
+            model.resize_token_embeddings(target, mean_resizing=False)
+            ctx.fact("parameters_added", sum(p.numel() for p in model.parameters()) - before)
         if ctx.options.get("deferred") and not ctx.zero3:
             how = "deferred, filled by the checkpoint or materialize stage"
         else:
@@ -108,17 +112,6 @@ class ResizeStage(Stage):
                 ctx.state["resized_rows"] = [(w, current, target) for w in matrices.values()]
                 ctx.note(f"rows {current}:{target} deferred (meta device) until the checkpoint or materialize stage")
         ctx.note(f"resize_token_embeddings {current} -> {target}")
-
-
-def _embedding_width(model) -> int | None:
-    """Parameters per vocabulary row: the input embedding's width, plus the output's when untied."""
-    if model is None or not hasattr(model, "get_input_embeddings"):
-        return None
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    width = inp.weight.shape[1]
-    if out is not None and out.weight is not inp.weight:
-        width += out.weight.shape[1]
-    return width
 
 
 @hookimpl
