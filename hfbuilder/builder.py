@@ -19,7 +19,7 @@ from .explain import Explanation, StageExplanation, default_world_size, estimate
 from .manager import Plugins
 from .ordering import Entry, resolve
 from .stage import Stage
-from .verify import carry_provenance, finish_build, invariant_mode, parameter_ids
+from .verify import carry_provenance, finish_build, invariant_mode, option_expectations, parameter_ids
 
 
 def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -270,6 +270,7 @@ class ModelBuilder:
         if head is not None and head not in ctx.heads:
             raise UnknownHeadError(f"unknown head {head!r}; known heads: {sorted(ctx.heads) or 'none'}")
         invariant_mode(ctx.options)
+        ctx.report.expectations.extend(option_expectations(ctx.options))
         return ctx
 
     def _resolve(self) -> tuple[Plugins, list[Entry]]:
@@ -333,6 +334,7 @@ class ModelBuilder:
             stages=stages,
             zero3=ctx.zero3,
             invariants=invariant_mode(ctx.options),
+            expectations=[f"{e.pattern!r} from {e.source} ({e.by})" for e in ctx.report.expectations],
             memory=estimate_memory(stages, ctx.zero3, world_size or default_world_size()),
             exceptions=list(failed.values()),
         )

@@ -20,6 +20,12 @@ PROVENANCE_INITIALIZED = "initialized"  # the model's own _init_weights (no weig
 PROVENANCE_UNINITIALIZED = "uninitialized"  # deferred, nothing filled it yet
 PROVENANCE_ADAPTER_INIT = "adapter_init"  # a LoRA adapter the lora stage added (peft's init)
 
+#: Every origin a provenance entry can start with.
+PROVENANCE_ORIGINS: frozenset[str] = frozenset({
+    PROVENANCE_PRETRAINED, PROVENANCE_CHECKPOINT, PROVENANCE_HEAD_INIT, PROVENANCE_INITIALIZED,
+    PROVENANCE_UNINITIALIZED, PROVENANCE_ADAPTER_INIT,
+})
+
 
 def provenance_origin(value: str) -> str:
     """The source a provenance entry starts from: ``"pretrained+resized[45:48]"`` -> ``"pretrained"``.
@@ -213,9 +219,11 @@ def zero_stage_of(ds_config: dict[str, Any] | None) -> int | None:
 
 
 __all__ = [
+    "PROVENANCE_ADAPTER_INIT",
     "PROVENANCE_CHECKPOINT",
     "PROVENANCE_HEAD_INIT",
     "PROVENANCE_INITIALIZED",
+    "PROVENANCE_ORIGINS",
     "PROVENANCE_PRETRAINED",
     "PROVENANCE_RESIZED",
     "PROVENANCE_UNINITIALIZED",

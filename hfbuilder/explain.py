@@ -73,6 +73,8 @@ class Explanation:
     zero3: bool
     invariants: str
     memory: Memory | None = None
+    #: Promises about where parameters come from, known before the build (``ctx.expect``, option ``expect``).
+    expectations: list[str] = field(default_factory=list)
     #: The exceptions behind ``errors``, for callers that want to raise them (not serialized).
     exceptions: list[BaseException] = field(default_factory=list, repr=False, compare=False)
 
@@ -130,6 +132,7 @@ class Explanation:
             if s.error:
                 lines.append(f"   ERROR: {s.error}")
         lines.append(f"after the build: provenance map and invariants (invariants={self.invariants!r})")
+        lines.extend(f"   expects {e}" for e in self.expectations)
         if self.memory is not None:
             lines.append(f"memory: {self.memory.format()}")
         if self.errors:

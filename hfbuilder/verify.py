@@ -14,7 +14,8 @@ Invariants (option ``invariants``: ``"error"``, the default, raises
 ``materialized``
     No parameter is left on the meta device unless its provenance says ``uninitialized``.
 ``expected``
-    Every parameter a stage promised with ``ctx.expect(pattern, source)`` came from ``source``.
+    Every parameter a stage promised with ``ctx.expect(pattern, source)``, or the caller with
+    ``with_options(expect={pattern: source})``, came from ``source``.
 
 Under ZeRO-3 each rank checks its own partition (``param.ds_tensor``) only: nothing is gathered.
 """
@@ -28,8 +29,10 @@ from typing import Any
 
 from .context import (
     PROVENANCE_INITIALIZED,
+    PROVENANCE_ORIGINS,
     PROVENANCE_UNINITIALIZED,
     BuildContext,
+    Expectation,
     InvariantResult,
     provenance_origin,
 )
@@ -45,6 +48,22 @@ def invariant_mode(options: Mapping[str, Any]) -> str:
     if mode not in INVARIANT_MODES:
         raise BuilderInputError(f"option invariants must be one of {list(INVARIANT_MODES)}, got {mode!r}")
     return mode
+
+
+def option_expectations(options: Mapping[str, Any]) -> list[Expectation]:
+    """The caller's own promises, ``with_options(expect={"v_head.*": "checkpoint"})``, checked like a stage's."""
+    given = options.get("expect") or {}
+    if not isinstance(given, Mapping):
+        raise BuilderInputError(f'option expect must map parameter patterns to sources, e.g. {{"v_head.*": '
+                                f'"checkpoint"}}, got {given!r}')
+    out = []
+    for pattern, source in given.items():
+        if not isinstance(pattern, str) or not pattern or source not in PROVENANCE_ORIGINS:
+            raise BuilderInputError(
+                f"option expect: {pattern!r}: {source!r} must be a pattern and one of {sorted(PROVENANCE_ORIGINS)}"
+            )
+        out.append(Expectation(pattern, source, "option expect"))
+    return out
 
 
 def parameter_ids(model: Any) -> dict[int, str]:
@@ -173,5 +192,6 @@ __all__ = [
     "complete_provenance",
     "finish_build",
     "invariant_mode",
+    "option_expectations",
     "parameter_ids",
 ]

@@ -13,6 +13,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from hfbuilder import (
     BuildContext,
     BuilderInputError,
+    CheckpointError,
     Head,
     InvariantError,
     InvariantWarning,
@@ -23,6 +24,7 @@ from hfbuilder import (
 from hfbuilder.context import (
     PROVENANCE_CHECKPOINT,
     PROVENANCE_HEAD_INIT,
+    PROVENANCE_INITIALIZED,
     PROVENANCE_PRETRAINED,
     PROVENANCE_UNINITIALIZED,
     provenance_origin,
@@ -178,16 +180,20 @@ class ClaimPretrained(Stage):
         ctx.report.provenance[name] = PROVENANCE_PRETRAINED
 
 
-def test_deferred_weights_are_uninitialized_not_an_error(model_dir, tokenizer_for):
+def test_deferred_weights_left_on_meta_are_uninitialized_not_an_error(model_dir, tokenizer_for):
     path = model_dir("gpt2")
     builder = ModelBuilder(AutoModelForCausalLM, path, tokenizer_for(path)).deferred_weights()
-    builder = builder.with_options(mean_resizing=False)  # mean resizing cannot run on meta tensors
-    model, report = builder.build_with_report()
+    with pytest.warns(UserWarning, match="without a checkpoint"):
+        _, report = builder.build_with_report()  # materialize initializes every weight
+    assert {provenance_origin(v) for v in report.provenance.values()} == {PROVENANCE_INITIALIZED}
     assert not report.failed_invariants()
-    assert {provenance_origin(v) for v in report.provenance.values()} == {PROVENANCE_UNINITIALIZED}
 
+    meta = builder.without_stage("materialize")  # the caller loads the weights later
+    model, report = meta.build_with_report()
+    assert all(p.is_meta for p in model.parameters()) and not report.failed_invariants()
+    assert {provenance_origin(v) for v in report.provenance.values()} == {PROVENANCE_UNINITIALIZED}
     with pytest.raises(InvariantError, match="materialized: transformer.wte.weight is on the meta device"):
-        builder.with_stage(ClaimPretrained).build()
+        meta.with_stage(ClaimPretrained).build()
 
 
 def test_bad_invariants_option_fails_before_any_work(model_dir, tokenizer_for):
@@ -234,3 +240,32 @@ def test_an_overflowing_fp16_sum_is_not_reported():
     ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, model=layer)
     ctx.report.provenance = {"weight": PROVENANCE_PRETRAINED}
     assert check_invariants(ctx)[0].passed
+
+
+def test_reward_model_from_a_checkpoint_without_v_head_is_flagged(model_dir, tokenizer_for, tmp_path):
+    path = model_dir("opt")
+    tok = tokenizer_for(path)
+    rm = ModelBuilder(AutoModel, path, tok).with_head("reward", num_padding_at_beginning=1).build()
+    step2 = tmp_path / "step2"
+    step2.mkdir()
+    save_file({k: v.contiguous() for k, v in rm.state_dict().items() if k != "v_head.weight"}, step2 / "model.safetensors")
+    rm.config.to_json_file(str(step2 / "config.json"))
+    critic = ModelBuilder(AutoModel, str(step2), tok).with_head("reward", num_padding_at_beginning=1)
+
+    with pytest.raises(CheckpointError, match="v_head.weight"):  # strict by default: refused before use
+        critic.with_checkpoint().build()
+
+    lenient = critic.with_checkpoint(strict=False)
+    with pytest.warns(UserWarning, match="v_head.weight"):
+        _, report = lenient.build_with_report()
+    assert report.provenance["v_head.weight"] == "initialized"  # the map says it is not the checkpoint's
+    assert {v for k, v in report.provenance.items() if k != "v_head.weight"} == {PROVENANCE_CHECKPOINT}
+
+    promised = lenient.with_options(expect={"v_head.*": PROVENANCE_CHECKPOINT})
+    assert "expects 'v_head.*' from checkpoint (option expect)" in str(promised.explain())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(InvariantError, match=r"v_head\.weight: expected from checkpoint \(declared by option expect\)"):
+            promised.build()
+    with pytest.raises(BuilderInputError, match="option expect"):
+        critic.with_options(expect={"v_head.*": "somewhere"}).explain()
