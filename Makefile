@@ -32,5 +32,13 @@ lint: venv
 bench: venv
 	$(BIN)/python benchmarks/run.py --set cpu
 
+# The docs tools (the `docs` extra) are installed here only, not by `make venv`, to keep CI lean.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PIP) install -c constraints.txt --no-build-isolation -e ".[docs]"
+	touch $@
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis site

@@ -12,11 +12,13 @@ from .errors import (
     DistributedSetupError,
     HFBuilderError,
     InvariantError,
+    InvariantWarning,
     PluginError,
     StageError,
     StageOrderError,
     UnknownHeadError,
 )
+from .explain import Explanation, StageExplanation
 from .hookspecs import hookimpl, hookspec
 from .stage import Head, Phase, Stage
 
@@ -28,14 +30,17 @@ __all__ = [
     "BuilderInputError",
     "CheckpointError",
     "DistributedSetupError",
+    "Explanation",
     "HFBuilderError",
     "Head",
     "InvariantError",
+    "InvariantWarning",
     "ModelBuilder",
     "Phase",
     "PluginError",
     "Stage",
     "StageError",
+    "StageExplanation",
     "StageOrderError",
     "StageRecord",
     "UnknownHeadError",

@@ -15,9 +15,11 @@ from typing import Any
 
 from .context import BuildContext, BuildReport, StageRecord, zero_stage_of
 from .errors import BuilderInputError, HFBuilderError, StageError, UnknownHeadError
+from .explain import Explanation, StageExplanation, default_world_size, estimate_memory
 from .manager import Plugins
 from .ordering import Entry, resolve
 from .stage import Stage
+from .verify import carry_provenance, finish_build, invariant_mode, option_expectations, parameter_ids
 
 
 def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -101,6 +103,7 @@ class ModelBuilder:
         return replace(self, options=_frozen({**self.options, **options}))
 
     def without_options(self, *names: str) -> ModelBuilder:
+        """Drop options, so the stages fall back to their defaults."""
         return replace(self, options=_frozen({k: v for k, v in self.options.items() if k not in names}))
 
     def with_dropout(self, p: float) -> ModelBuilder:
@@ -214,6 +217,7 @@ class ModelBuilder:
         return replace(self, plugins=(*self.plugins, plugin))
 
     def with_stage(self, stage: Stage | type[Stage]) -> ModelBuilder:
+        """Add a stage for this builder only; its ``after``/``before`` place it in the plan."""
         return replace(self, added_stages=(*self.added_stages, _stage_instance(stage, "with_stage")))
 
     def replace_stage(self, stage: Stage | type[Stage]) -> ModelBuilder:
@@ -221,6 +225,7 @@ class ModelBuilder:
         return replace(self, replaced_stages=(*self.replaced_stages, _stage_instance(stage, "replace_stage")))
 
     def without_stage(self, name: str) -> ModelBuilder:
+        """Remove the stage called ``name`` (or the stage that replaced it) from the plan."""
         if not isinstance(name, str) or not name:
             raise BuilderInputError(f"without_stage() needs a stage name, got {name!r}")
         return replace(self, removed_stages=(*self.removed_stages, name))
@@ -264,6 +269,8 @@ class ModelBuilder:
         head = ctx.options.get("head")
         if head is not None and head not in ctx.heads:
             raise UnknownHeadError(f"unknown head {head!r}; known heads: {sorted(ctx.heads) or 'none'}")
+        invariant_mode(ctx.options)
+        ctx.report.expectations.extend(option_expectations(ctx.options))
         return ctx
 
     def _resolve(self) -> tuple[Plugins, list[Entry]]:
@@ -274,12 +281,74 @@ class ModelBuilder:
         """The names of the stages ``build()`` will run, in order. Reads no weights."""
         return [e.name for e in self._resolve()[1]]
 
+    def explain(self, world_size: int | None = None) -> Explanation:
+        """A dry run: what each stage of the plan will do, reading config files but no weights.
+
+        Every stage's ``check`` runs first; a failing check does not raise but shows up in
+        ``Explanation.errors`` (``ok`` is False), so one call lists every problem. A plan that
+        cannot be resolved (unknown head, stage order) raises as in :meth:`build`.
+        ``world_size`` (default: torch.distributed's, else ``$WORLD_SIZE``, else 1) splits
+        the memory estimate under ZeRO-3.
+        """
+        if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
+            raise BuilderInputError(f"world_size must be a positive int, got {world_size!r}")
+        plugins, order = self._resolve()
+        ctx = self._context(plugins, order)
+        ctx.dry_run = True
+        failed: dict[str, HFBuilderError] = {}
+        stages: list[StageExplanation] = []
+        try:
+            for entry in order:
+                ctx.current_stage = entry.name
+                try:
+                    _guard(entry, "check", entry.stage.check, ctx)
+                except HFBuilderError as exc:
+                    failed[entry.name] = exc
+            stopped: str | None = None
+            for entry in order:
+                ctx.current_stage = entry.name
+                record = StageRecord(entry.name, entry.provider)
+                ctx.report.stages.append(record)
+                seen = len(ctx.report.warnings)
+                lines: list[str] = []
+                if stopped is None:
+                    try:
+                        lines = list(_guard(entry, "explain", entry.stage.explain, ctx) or [])
+                    except HFBuilderError as exc:
+                        failed.setdefault(entry.name, exc)
+                        stopped = entry.name
+                else:
+                    lines = [f"not explained: stage {stopped!r} could not be explained"]
+                error = failed.get(entry.name)
+                stages.append(StageExplanation(
+                    entry.name, entry.provider, record.actions + [str(x) for x in lines], record.facts,
+                    ctx.report.warnings[seen:], str(error) if error is not None else None,
+                ))
+        finally:
+            ctx.current_stage = None
+            ctx.close()
+        return Explanation(
+            model_class=getattr(self.model_class, "__name__", repr(self.model_class)),
+            model_name_or_path=self.model_name_or_path,
+            plan=[e.name for e in order],
+            stages=stages,
+            zero3=ctx.zero3,
+            invariants=invariant_mode(ctx.options),
+            expectations=[f"{e.pattern!r} from {e.source} ({e.by})" for e in ctx.report.expectations],
+            memory=estimate_memory(stages, ctx.zero3, world_size or default_world_size()),
+            exceptions=list(failed.values()),
+        )
+
     def build(self) -> Any:
         """Build and return the model (a ``torch.nn.Module``)."""
         return self.build_with_report()[0]
 
     def build_with_report(self) -> tuple[Any, BuildReport]:
-        """Build the model and return it with a :class:`BuildReport` (per-stage time, memory, actions)."""
+        """Build the model and return it with a :class:`BuildReport`.
+
+        The report has each stage's time, memory, actions and facts, the provenance of every
+        parameter, and the invariants checked after the last stage (see :mod:`hfbuilder.verify`).
+        """
         plugins, order = self._resolve()
         ctx = self._context(plugins, order)
         start = time.perf_counter()
@@ -290,7 +359,12 @@ class ModelBuilder:
             for entry in order:
                 ctx.current_stage = entry.name
                 ctx.report.stages.append(StageRecord(entry.name, entry.provider))
+                before = parameter_ids(ctx.model)
                 _guard(entry, "run", plugins.run_stage, entry.stage, ctx)
+                carry_provenance(ctx, before)
+            ctx.current_stage = None
+            if ctx.model is not None:
+                finish_build(ctx)
         finally:
             ctx.current_stage = None
             ctx.close()

@@ -20,6 +20,21 @@ PROVENANCE_INITIALIZED = "initialized"  # the model's own _init_weights (no weig
 PROVENANCE_UNINITIALIZED = "uninitialized"  # deferred, nothing filled it yet
 PROVENANCE_ADAPTER_INIT = "adapter_init"  # a LoRA adapter the lora stage added (peft's init)
 
+#: Every origin a provenance entry can start with.
+PROVENANCE_ORIGINS: frozenset[str] = frozenset({
+    PROVENANCE_PRETRAINED, PROVENANCE_CHECKPOINT, PROVENANCE_HEAD_INIT, PROVENANCE_INITIALIZED,
+    PROVENANCE_UNINITIALIZED, PROVENANCE_ADAPTER_INIT,
+})
+
+
+def provenance_origin(value: str) -> str:
+    """The source a provenance entry starts from: ``"pretrained+resized[45:48]"`` -> ``"pretrained"``.
+
+    An entry is ``origin`` optionally followed by ``+modifier`` parts (a resize adds
+    ``+resized[old:new]``), so a stage that changes part of a tensor keeps its origin.
+    """
+    return value.split("+", 1)[0]
+
 
 @dataclass
 class StageRecord:
@@ -32,6 +47,26 @@ class StageRecord:
     rss_delta_mib: float | None = None
     peak_cuda_mib: float | None = None
     actions: list[str] = field(default_factory=list)
+    #: Machine-readable results (``ctx.fact``), the same keys in ``explain()`` and ``build()``.
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """A promise that parameters matching ``pattern`` (fnmatch) come from ``source``."""
+
+    pattern: str
+    source: str
+    by: str
+
+
+@dataclass
+class InvariantResult:
+    """One post-build invariant: its name, whether it held, and what broke it."""
+
+    name: str
+    passed: bool
+    details: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -43,6 +78,11 @@ class BuildReport:
     provenance: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     total_seconds: float = 0.0
+    #: What stages promised about provenance (``ctx.expect``); the invariants check them.
+    expectations: list[Expectation] = field(default_factory=list)
+    invariants: list[InvariantResult] = field(default_factory=list)
+    #: Wall time of the post-build pass (provenance completion and invariants).
+    verify_seconds: float = 0.0
 
     def stage(self, name: str) -> StageRecord:
         for rec in self.stages:
@@ -56,11 +96,14 @@ class BuildReport:
             counts[source] = counts.get(source, 0) + 1
         return counts
 
+    def failed_invariants(self) -> list[InvariantResult]:
+        return [r for r in self.invariants if not r.passed]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        return json.dumps(self.to_dict(), default=str, **kwargs)
 
     def format(self) -> str:
         """A table for a person: one line per stage, then the actions."""
@@ -69,10 +112,13 @@ class BuildReport:
             rss = f"{rec.peak_rss_mib:.0f}" if rec.peak_rss_mib is not None else "-"
             lines.append(f"{rec.name:<14}{rec.seconds:>9.3f}{rss:>14}  {rec.provider}")
             lines.extend(f"    - {a}" for a in rec.actions)
-        lines.append(f"total {self.total_seconds:.3f} s")
+        lines.append(f"total {self.total_seconds:.3f} s (invariants {self.verify_seconds:.3f} s)")
         if self.provenance:
             summary = ", ".join(f"{k}: {v}" for k, v in sorted(self.provenance_summary().items()))
             lines.append(f"weights: {summary}")
+        for inv in self.invariants:
+            lines.append(f"invariant {inv.name}: {'ok' if inv.passed else 'FAILED'}")
+            lines.extend(f"    - {d}" for d in inv.details)
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -106,6 +152,9 @@ class BuildContext:
     #: free-form scratch space for cooperating plugins (e.g. the ZeRO-3 handles).
     state: dict[str, Any] = field(default_factory=dict)
     current_stage: str | None = None
+    #: True inside ``ModelBuilder.explain()``: stages describe, read no weights, and
+    #: ``warn`` records without emitting. ``model`` is then the architecture on the meta device.
+    dry_run: bool = False
     _exit: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     @property
@@ -119,10 +168,33 @@ class BuildContext:
         if self.report.stages and self.report.stages[-1].name == self.current_stage:
             self.report.stages[-1].actions.append(message)
 
+    def fact(self, key: str, value: Any) -> None:
+        """Record a machine-readable result of the running stage (JSON-able ``value``).
+
+        Use the same key in ``explain`` and ``run``: tests and tools compare the two.
+        """
+        if self.report.stages and self.report.stages[-1].name == self.current_stage:
+            self.report.stages[-1].facts[key] = value
+
     def warn(self, message: str, category: type[Warning] = UserWarning) -> None:
-        """Warn the user (``warnings.warn``) and keep the warning in the report."""
+        """Warn the user (``warnings.warn``) and keep the warning in the report.
+
+        In a dry run (``explain()``) the warning is only recorded: the explanation shows it.
+        """
         self.report.warnings.append(message)
+        if self.dry_run:
+            log.debug("%s: warning: %s", self.current_stage, message)
+            return
         warnings.warn(message, category, stacklevel=3)
+
+    def expect(self, pattern: str, source: str, by: str | None = None) -> None:
+        """Promise that the parameters matching ``pattern`` (fnmatch, final names) come from ``source``.
+
+        After the build the invariants check the promise: for example a head that must be
+        loaded from a checkpoint calls ``ctx.expect("v_head.*", PROVENANCE_CHECKPOINT)``, and a
+        build that leaves ``v_head`` initialized at random fails instead of training on noise.
+        """
+        self.report.expectations.append(Expectation(pattern, source, by or f"stage {self.current_stage!r}"))
 
     def call_on_exit(self, callback: Any, *args: Any, **kwargs: Any) -> None:
         """Run ``callback`` when the build ends, normally or by an exception (LIFO)."""
@@ -146,4 +218,20 @@ def zero_stage_of(ds_config: dict[str, Any] | None) -> int | None:
     return int(zero["stage"])
 
 
-__all__ = ["BuildContext", "BuildReport", "StageRecord", "zero_stage_of"]
+__all__ = [
+    "PROVENANCE_ADAPTER_INIT",
+    "PROVENANCE_CHECKPOINT",
+    "PROVENANCE_HEAD_INIT",
+    "PROVENANCE_INITIALIZED",
+    "PROVENANCE_ORIGINS",
+    "PROVENANCE_PRETRAINED",
+    "PROVENANCE_RESIZED",
+    "PROVENANCE_UNINITIALIZED",
+    "BuildContext",
+    "BuildReport",
+    "Expectation",
+    "InvariantResult",
+    "StageRecord",
+    "provenance_origin",
+    "zero_stage_of",
+]

@@ -7,6 +7,8 @@ catches ``ValueError`` around model construction keeps working.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class HFBuilderError(Exception):
     """Base of every error raised by hfbuilder."""
@@ -44,7 +46,19 @@ class CheckpointError(HFBuilderError):
 
 
 class InvariantError(HFBuilderError):
-    """A post-build invariant failed (NaN/inf weights, a tensor left uninitialized)."""
+    """A post-build invariant failed (NaN/inf weights, a tensor left uninitialized).
+
+    ``report`` is the build's :class:`~hfbuilder.BuildReport`, with the provenance map and
+    every invariant's result, so the caller can see which tensors broke it.
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class InvariantWarning(UserWarning):
+    """A post-build invariant failed under ``.with_options(invariants="warn")``."""
 
 
 class DistributedSetupError(HFBuilderError, RuntimeError):
@@ -57,6 +71,7 @@ __all__ = [
     "DistributedSetupError",
     "HFBuilderError",
     "InvariantError",
+    "InvariantWarning",
     "PluginError",
     "StageError",
     "StageOrderError",

@@ -155,6 +155,33 @@ class Plugins:
             keys[key] = None
         return tuple(keys)
 
+    def provided(self) -> dict[str, dict[str, Any]]:
+        """Per registered plugin: where it came from and what it provides (``hfbuilder plugins``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, info in self.info.items():
+            plugin = self.pm.get_plugin(name)
+            hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or ())
+            out[name] = {
+                "source": info.source,
+                "distribution": info.distribution,
+                "hooks": hooks,
+                "stages": [],
+                "heads": [],
+                "phases": [],
+                "dropout_keys": [],
+            }
+        for entry in self.stage_entries():
+            stage = entry.stage
+            out[entry.provider]["stages"].append(
+                {"name": stage.name, "after": list(stage.after), "before": list(stage.before), "replaces": stage.replaces}
+            )
+        for kind, hook, cls in (("heads", "hfbuilder_heads", Head), ("phases", "hfbuilder_phases", Phase)):
+            for item, provider in self._collect(hook, cls):
+                out[provider][kind].append(item.name)
+        for key, provider in self._collect("hfbuilder_dropout_keys", str):
+            out[provider]["dropout_keys"].append(key)
+        return out
+
     def run_stage(self, stage: Stage, ctx: Any) -> Any:
         return self.pm.hook.hfbuilder_run_stage(stage=stage, ctx=ctx)
 

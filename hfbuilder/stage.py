@@ -72,7 +72,14 @@ class Stage:
         """
 
     def explain(self, ctx: BuildContext) -> list[str]:
-        """Describe, without reading weights, what ``run`` will do (``ctx.config`` is set)."""
+        """Describe, without reading weights, what ``run`` will do: one line per action.
+
+        ``ModelBuilder.explain()`` calls it in plan order with ``ctx.dry_run`` True, after
+        the earlier stages' ``explain``: ``ctx.config`` is the config the build will use and
+        ``ctx.model`` the architecture on the meta device (or None). Record machine-readable
+        results with ``ctx.fact`` (the same keys ``run`` records) and problems with
+        ``ctx.warn``. It may update ``ctx`` as ``run`` would where that reads no weights.
+        """
         return []
 
     def run(self, ctx: BuildContext) -> None:
@@ -101,7 +108,11 @@ class Head:
         raise NotImplementedError(f"head {self.name!r} does not implement wrap()")
 
     def describe(self, ctx: BuildContext, **options: Any) -> list[str]:
-        """What the head will do, for ``explain()``."""
+        """What the head will do, for ``explain()``: which token it pools, what it adds.
+
+        ``ctx.model`` is the base architecture on the meta device. Record
+        ``ctx.fact("parameters_added", n)`` so the memory estimate counts the head.
+        """
         return [f"wrap the model in head {self.name!r}"]
 
     def __repr__(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -10,6 +11,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests control plugin loading themselves; an installed third-party plugin must not leak in.
 os.environ.setdefault("HFBUILDER_DISABLE_PLUGIN_AUTOLOAD", "1")
+# DeepSpeed JIT-builds a CPU op on first use; keep the build per environment so that
+# several checkouts sharing ~/.cache/torch_extensions don't force each other to rebuild.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 from hfbuilder.testing import FAMILIES, make_model  # noqa: E402
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 
 from ..context import BuildContext
 from ..errors import BuilderInputError
+from ..files import FORMAT_JSON, FileInfo
 from ..hookspecs import hookimpl
 from ..stage import Stage
 
@@ -18,11 +20,22 @@ class ConfigStage(Stage):
 
     name = "config"
 
+    def explain(self, ctx: BuildContext) -> list[str]:
+        # Reading the config reads no weights, so the dry run does the real work: later
+        # stages explain themselves against the config the build will use.
+        if ctx.options.get("config") is None:
+            path = os.path.join(ctx.model_name_or_path, "config.json")
+            if os.path.isfile(path):
+                ctx.fact("files", [FileInfo.of(path, FORMAT_JSON).to_dict()])
+        self.run(ctx)
+        return []
+
     def run(self, ctx: BuildContext) -> None:
         given = ctx.options.get("config")
         if given is not None:
             ctx.config = copy.deepcopy(given)
             ctx.note(f"copied the given {type(given).__name__} (model_type={given.model_type!r})")
+            ctx.fact("model_type", given.model_type)
             return
         from transformers import AutoConfig
 
@@ -31,6 +44,7 @@ class ConfigStage(Stage):
         except (OSError, ValueError) as exc:
             raise BuilderInputError(f"cannot read a model config from {ctx.model_name_or_path!r}: {exc}") from exc
         ctx.note(f"read {type(ctx.config).__name__} (model_type={ctx.config.model_type!r}) from {ctx.model_name_or_path}")
+        ctx.fact("model_type", ctx.config.model_type)
 
 
 @hookimpl

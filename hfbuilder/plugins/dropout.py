@@ -47,26 +47,15 @@ class DropoutStage(Stage):
     name = "dropout"
     after = ("config",)
 
-    def explain(self, ctx: BuildContext) -> list[str]:
+    def _plan(self, ctx: BuildContext) -> tuple[float | None, list[str], list[str]]:
+        """(p, keys to set, dropout-like keys not covered), with the facts and warnings both runs share."""
         p = ctx.options.get("dropout")
         if p is None:
-            return ["no dropout requested: the config's values are kept"]
+            return None, [], []
         present, unknown = split_keys(ctx.config, ctx.dropout_keys)
-        lines = [f"set {k}: {getattr(ctx.config, k)!r} -> {p}" for k in present]
-        if not present:
-            lines.append(f"WARNING: {ctx.config.model_type} config has no known dropout key")
-        lines.extend(f"not covered: {k} = {getattr(ctx.config, k)!r}" for k in unknown)
-        return lines
-
-    def run(self, ctx: BuildContext) -> None:
-        p = ctx.options.get("dropout")
-        if p is None:
-            ctx.note("no dropout requested")
-            return
-        present, unknown = split_keys(ctx.config, ctx.dropout_keys)
-        for key in present:
-            ctx.note(f"{key}: {getattr(ctx.config, key)!r} -> {p}")
-            setattr(ctx.config, key, p)
+        ctx.fact("dropout", p)
+        ctx.fact("dropout_keys_set", present)
+        ctx.fact("dropout_not_covered", unknown)
         if not present:
             ctx.warn(
                 f"dropout={p} was requested but the {ctx.config.model_type!r} config has none of the known "
@@ -74,6 +63,24 @@ class DropoutStage(Stage):
             )
         if unknown:
             ctx.warn(f"{ctx.config.model_type!r} config has dropout-like keys hfbuilder does not set: {unknown}")
+        return p, present, unknown
+
+    def explain(self, ctx: BuildContext) -> list[str]:
+        p, present, unknown = self._plan(ctx)
+        if p is None:
+            return ["no dropout requested: the config's values are kept"]
+        lines = [f"set {k}: {getattr(ctx.config, k)!r} -> {p}" for k in present]
+        lines.extend(f"not covered: {k} = {getattr(ctx.config, k)!r}" for k in unknown)
+        return lines
+
+    def run(self, ctx: BuildContext) -> None:
+        p, present, _ = self._plan(ctx)
+        if p is None:
+            ctx.note("no dropout requested")
+            return
+        for key in present:
+            ctx.note(f"{key}: {getattr(ctx.config, key)!r} -> {p}")
+            setattr(ctx.config, key, p)
 
 
 @hookimpl

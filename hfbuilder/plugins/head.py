@@ -32,12 +32,14 @@ class HeadStage(Stage):
 
     def explain(self, ctx: BuildContext) -> list[str]:
         head, options = selected_head(ctx)
+        ctx.fact("head", head.name)
         return head.describe(ctx, **options)
 
     def run(self, ctx: BuildContext) -> None:
         head, options = selected_head(ctx)
         before = {id(p): ctx.report.provenance.get(n) for n, p in ctx.model.named_parameters()}
         ctx.model = head.wrap(ctx.model, ctx, **options)
+        ctx.fact("head", head.name)
         ctx.note(f"wrapped in head {head.name!r} -> {type(ctx.model).__name__}")
         remap_provenance(ctx, before)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
+from ..files import FORMAT_JSON, CheckpointSummary, FileInfo, checkpoint_to_model_keys, summarize
 from ..hookspecs import hookimpl
 from ..stage import Stage
 
@@ -30,11 +32,33 @@ class LoadStage(Stage):
 
     def explain(self, ctx: BuildContext) -> list[str]:
         cls = getattr(ctx.model_class, "__name__", str(ctx.model_class))
-        dtype = ctx.options.get("dtype") or "transformers' default (auto)"
-        device = ctx.options.get("device") or "cpu"
-        if ctx.options.get("deferred"):
-            return [f"{cls}.from_config: architecture only, weights deferred; dtype {dtype}"]
-        return [f"{cls}.from_pretrained({ctx.model_name_or_path!r}); dtype {dtype}; device {device}"]
+        deferred = bool(ctx.options.get("deferred"))
+        weights = None if deferred else _local_weights(ctx)
+        dtype = _explain_dtype(ctx, weights)
+        # The architecture on the meta device: exact parameter count and names, at no memory
+        # cost. Later stages' explain() see it as ctx.model. (torch.device("meta"), not
+        # accelerate's init_empty_weights, which re-registers parameters and unties lm_head.)
+        import torch
+
+        with torch.device("meta"):
+            model = ctx.model_class.from_config(copy.deepcopy(ctx.config), dtype=torch_dtype(dtype))
+        ctx.model = model
+        n = sum(p.numel() for p in model.parameters())
+        device = "meta" if deferred and not ctx.zero3 else ctx.options.get("device") or "cpu"
+        ctx.fact("parameters", n)
+        ctx.fact("dtype", dtype)
+        if not ctx.zero3:
+            ctx.fact("device", device)
+        where = "partitioned over the ranks (ZeRO-3)" if ctx.zero3 else f"on {device}"
+        if deferred:
+            return [f"{cls}.from_config: {type(model).__name__}, {n:,} parameters, dtype {dtype}, {where}; "
+                    "weights deferred (none read)"]
+        lines = [f"{cls}.from_pretrained({ctx.model_name_or_path!r}): {type(model).__name__}, {n:,} parameters, "
+                 f"dtype {dtype}, {where}"]
+        if weights is None:
+            lines.append("not a local directory: transformers resolves the files through the Hugging Face cache")
+            return lines
+        return lines + _explain_weights(ctx, model, weights)
 
     def run(self, ctx: BuildContext) -> None:
         config = copy.deepcopy(ctx.config)  # from_config/from_pretrained mutate the config they get
@@ -58,6 +82,7 @@ class LoadStage(Stage):
         mismatched = info.get("mismatched_keys") or []
         for name, _ in model.named_parameters():
             ctx.report.provenance[name] = PROVENANCE_PRETRAINED
+        ctx.fact("missing_weights", missing)
         if missing or mismatched:
             from ..context import PROVENANCE_INITIALIZED
 
@@ -67,6 +92,7 @@ class LoadStage(Stage):
                 f"{ctx.model_name_or_path} lacks weights for {missing + [m[0] for m in mismatched]}; "
                 "transformers initialized them randomly"
             )
+        _facts(ctx, model)
         ctx.note(
             f"{type(model).__name__}.from_pretrained: {sum(p.numel() for p in model.parameters()):,} "
             f"parameters, dtype {next(model.parameters()).dtype}, device {next(model.parameters()).device}"
@@ -90,7 +116,58 @@ class LoadStage(Stage):
             ctx.note(f"{type(model).__name__}.from_config on the meta device: no weight init spent")
         for name, _ in model.named_parameters():
             ctx.report.provenance[name] = PROVENANCE_UNINITIALIZED
+        _facts(ctx, model)
         return model
+
+
+def _facts(ctx: BuildContext, model: Any) -> None:
+    """The facts explain() predicts, from the model the stage made."""
+    first = next(model.parameters())
+    ctx.fact("parameters", sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()))
+    ctx.fact("dtype", str(first.dtype).removeprefix("torch."))
+    if not ctx.zero3:
+        ctx.fact("device", str(first.device))
+
+
+def _local_weights(ctx: BuildContext) -> CheckpointSummary | None:
+    """The weight files in ``model_name_or_path`` and their headers, or None for a hub name."""
+    return summarize(ctx.model_name_or_path) if os.path.isdir(ctx.model_name_or_path) else None
+
+
+def _explain_weights(ctx: BuildContext, model: Any, weights: CheckpointSummary) -> list[str]:
+    """The files from_pretrained reads, and the model's parameters no checkpoint tensor fills."""
+    extra = os.path.join(ctx.model_name_or_path, "generation_config.json")
+    infos = weights.files + ([FileInfo.of(extra, FORMAT_JSON)] if os.path.isfile(extra) else [])
+    ctx.fact("files", [f.to_dict() for f in infos])
+    stored = ", ".join(sorted({t.dtype for t in weights.tensors.values()}))
+    lines = [f"checkpoint: {len(weights.tensors)} tensors, {weights.values:,} values, stored as {stored}"]
+    renamed = checkpoint_to_model_keys(model, weights.tensors)
+    filled = set(renamed.values())
+    missing = sorted(name for name, _ in model.named_parameters() if name not in filled)
+    ctx.fact("missing_weights", missing)
+    if missing:
+        ctx.warn(f"{ctx.model_name_or_path} has no weights for {missing}; transformers will initialize them randomly")
+    state = model.state_dict()
+    unused = sorted(k for k, new in renamed.items() if new not in state)
+    if unused:
+        more = " ..." if len(unused) > 5 else ""
+        lines.append(f"{len(unused)} checkpoint tensor(s) the model does not use: {unused[:5]}{more}")
+    return lines
+
+
+def _explain_dtype(ctx: BuildContext, weights: CheckpointSummary | None) -> str:
+    """The dtype the model will have: the option, else the config's, else the checkpoint's (``auto``)."""
+    dtype = ctx.options.get("dtype")
+    if dtype not in (None, "auto"):
+        return str(dtype)
+    configured = getattr(ctx.config, "dtype", None)
+    if configured is not None:
+        return str(configured).removeprefix("torch.")
+    if weights is not None:
+        for t in weights.tensors.values():
+            if t.dtype.startswith(("float", "bfloat")):
+                return t.dtype
+    return "float32"
 
 
 @hookimpl

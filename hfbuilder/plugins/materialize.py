@@ -23,6 +23,10 @@ from ..hookspecs import hookimpl
 from ..stage import Stage
 
 _LIST_AT_MOST = 12
+NO_CHECKPOINT = (
+    "deferred weights without a checkpoint: the weights are randomly initialized, not pretrained; "
+    "load them before training (e.g. .with_checkpoint(path))"
+)
 
 
 def _owners(model: Any) -> dict[int, list[tuple[Any, str, str, bool]]]:
@@ -156,16 +160,14 @@ class MaterializeStage(Stage):
         if ctx.zero3:
             return ["nothing: under ZeRO-3 transformers initializes inside zero.Init"]
         if ctx.options.get("checkpoint") is None:
-            return ["WARNING: no checkpoint: every weight is randomly initialized (_init_weights), not pretrained"]
+            ctx.warn(NO_CHECKPOINT)
+            return ["initialize every weight with the model's _init_weights (no checkpoint)"]
         return ["initialize whatever the checkpoint did not fill (reported by name)"]
 
     def run(self, ctx: BuildContext) -> None:
         has_checkpoint = ctx.options.get("checkpoint") is not None
         if not has_checkpoint:
-            ctx.warn(
-                "deferred weights without a checkpoint: the weights are randomly initialized, not pretrained; "
-                "load them before training (e.g. .with_checkpoint(path))"
-            )
+            ctx.warn(NO_CHECKPOINT)
         if ctx.zero3:
             ctx.note("ZeRO-3: transformers initialized the model inside zero.Init; nothing to materialize")
             return

@@ -59,27 +59,46 @@ class ResizeStage(Stage):
             bool(ctx.options.get("resize_allow_shrink", False)),
         )
 
+    def _decide(self, ctx: BuildContext, current: int | None) -> int:
+        """The target vocabulary, with the facts and the shrink warning that explain and run share."""
+        target = self._target(ctx, current)
+        ctx.fact("vocab_size_before", current)
+        ctx.fact("vocab_size", target)
+        if current is not None and target < current:
+            ctx.warn(f"shrinking the vocabulary from {current} to {target} rows (resize_allow_shrink)")
+        return target
+
     def explain(self, ctx: BuildContext) -> list[str]:
         current = current_vocab(ctx.config)
-        target = self._target(ctx, current)
-        lines = [f"vocabulary {current} -> {target} (len(tokenizer) = {len(ctx.tokenizer)})"]
-        if current is not None and target < current:
-            lines.append(f"WARNING: the vocabulary shrinks by {current - target} rows")
-        elif current is not None and target == current:
-            lines[0] = f"vocabulary stays {current} (len(tokenizer) = {len(ctx.tokenizer)})"
-        return lines
+        target = self._decide(ctx, current)
+        n_tok = len(ctx.tokenizer)
+        if current is None or target == current:
+            rounded = target_vocab(n_tok, None, ctx.options.get("resize_multiple", 8), True)
+            why = f"kept though {rounded} would do: resize_allow_shrink is off" if current and current > rounded else "unchanged"
+            return [f"vocabulary stays {current} ({why}; len(tokenizer) = {n_tok})"]
+        model = ctx.model
+        if model is not None and hasattr(model, "resize_token_embeddings"):
+            # The dry run's model is on the meta device: resizing it costs nothing and leaves
+            # later stages' explain() the real shapes (tied or not, the count is exact).
+            before = sum(p.numel() for p in model.parameters())
+            model.resize_token_embeddings(target, mean_resizing=False)
+            ctx.fact("parameters_added", sum(p.numel() for p in model.parameters()) - before)
+        if ctx.options.get("deferred") and not ctx.zero3:
+            how = "deferred, filled by the checkpoint or materialize stage"
+        else:
+            how = "mean-initialized" if ctx.options.get("mean_resizing", True) else "randomly initialized"
+        new = f"; rows {current}:{target} {how}" if target > current else ""
+        return [f"resize_token_embeddings {current} -> {target} (len(tokenizer) = {n_tok}){new}"]
 
     def run(self, ctx: BuildContext) -> None:
         model = ctx.model
         current = model.get_input_embeddings().weight.shape[0] if not ctx.zero3 else current_vocab(model.config)
         if ctx.zero3:
             current = getattr(model.get_input_embeddings().weight, "ds_shape", (current,))[0]
-        target = self._target(ctx, current)
+        target = self._decide(ctx, current)
         if target == current:
             ctx.note(f"vocabulary already {current}: unchanged")
             return
-        if target < current:
-            ctx.warn(f"shrinking the vocabulary from {current} to {target} rows (resize_allow_shrink)")
         mean_resizing = bool(ctx.options.get("mean_resizing", True))
         # A deferred build has its embeddings on the meta device: there are no rows to
         # average yet. The new rows stay deferred; the checkpoint or materialize stage fills them.

@@ -73,11 +73,21 @@ class RewardHead(Head):
 
     def describe(self, ctx: BuildContext, **options: Any) -> list[str]:
         opts = {**REWARD_OPTIONS, **options}
-        return [
+        lines = [
             f"wrap in RewardModel: v_head Linear(hidden, 1) scoring the token before the "
             f"{opts['num_padding_at_beginning'] + 1}-th pad token (pad id {ctx.tokenizer.pad_token_id})",
             f"pairwise loss in {'fp32' if opts['compute_fp32_loss'] else 'the model dtype'}",
         ]
+        if ctx.model is not None:  # the architecture on the meta device: count what the head adds and drops
+            from .reward_model import base_for_reward, value_head_dim
+
+            base = base_for_reward(ctx.model)  # a causal LM without a findable base fails here, before the build
+            dropped = sum(p.numel() for p in ctx.model.parameters()) - sum(p.numel() for p in base.parameters())
+            ctx.fact("parameters_added", value_head_dim(base.config) - dropped)
+            if dropped:
+                lines.append(f"uses {type(base).__name__} inside {type(ctx.model).__name__}: its LM head "
+                             f"({dropped:,} parameters) is left out")
+        return lines
 
     def wrap(self, model: nn.Module, ctx: BuildContext, **options: Any) -> RewardModel:
         from .reward_model import RewardModel, base_for_reward

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from ..context import BuildContext
 from ..errors import BuilderInputError
+from ..files import read_json
 from ..hookspecs import hookimpl
 from ..stage import Stage
 
@@ -28,13 +32,29 @@ class TokenAlignStage(Stage):
 
     def explain(self, ctx: BuildContext) -> list[str]:
         eos = ctx.tokenizer.eos_token_id
-        lines = [f"end_token_id = pad_token_id = {eos} (tokenizer EOS {ctx.tokenizer.eos_token!r})"]
-        cfg_eos = getattr(ctx.config, "eos_token_id", None)
-        if cfg_eos is not None and cfg_eos != eos:
-            lines.append(f"WARNING: config.eos_token_id is {cfg_eos}, the tokenizer's EOS is {eos}")
-        tok_pad = getattr(ctx.tokenizer, "pad_token_id", None)
-        if tok_pad is not None and tok_pad != eos:
-            lines.append(f"note: tokenizer.pad_token_id is {tok_pad}; the model's pad_token_id will be {eos}")
+        tok = ctx.tokenizer
+        generation = _generation_ids(ctx) if not ctx.options.get("deferred") else None
+        sources = {
+            "tokenizer": {"eos": eos, "pad": getattr(tok, "pad_token_id", None), "bos": getattr(tok, "bos_token_id", None)},
+            "config": {k: getattr(ctx.config, f"{k}_token_id", None) for k in ("eos", "pad", "bos")},
+        }
+        if generation is not None:
+            sources["generation_config"] = {k: generation.get(f"{k}_token_id") for k in ("eos", "pad", "bos")}
+        agree = all(_has(ids["eos"], eos) for ids in sources.values())
+        ctx.fact("token_ids", sources)
+        ctx.fact("eos_agree", agree)
+        ctx.fact("end_token_id", eos)
+        ctx.fact("pad_token_id", eos)
+
+        def row(key: str) -> str:
+            return ", ".join(f"{where} {ids[key]}" for where, ids in sources.items())
+
+        lines = [
+            f"eos ids {'agree' if agree else 'DISAGREE'}: {row('eos')}",
+            f"pad ids: {row('pad')} -> {eos} on config and generation_config",
+            f"set end_token_id = pad_token_id = {eos} (tokenizer EOS {tok.eos_token!r})",
+        ]
+        _warn_disagreement(ctx, eos, getattr(ctx.config, "eos_token_id", None), (generation or {}).get("eos_token_id"))
         return lines
 
     def run(self, ctx: BuildContext) -> None:
@@ -45,10 +65,33 @@ class TokenAlignStage(Stage):
         generation = getattr(ctx.model, "generation_config", None)
         if generation is not None:
             generation.pad_token_id = eos  # generate() reads its pad id from here, not from config
-        cfg_eos = getattr(ctx.model.config, "eos_token_id", None)
-        if cfg_eos is not None and cfg_eos != eos:
-            ctx.warn(f"config.eos_token_id is {cfg_eos} but the tokenizer's EOS is {eos}; pad/end use {eos}")
+        _warn_disagreement(
+            ctx, eos, getattr(config, "eos_token_id", None), getattr(generation, "eos_token_id", None)
+        )
+        ctx.fact("end_token_id", config.end_token_id)
+        ctx.fact("pad_token_id", config.pad_token_id)
         ctx.note(f"end_token_id = pad_token_id = {eos} on config and generation_config")
+
+
+def _has(value: Any, token_id: int) -> bool:
+    """An eos id setting (an int, or a list as in Llama 3's generation_config) includes ``token_id``."""
+    return token_id in value if isinstance(value, (list, tuple)) else value == token_id
+
+
+def _warn_disagreement(ctx: BuildContext, eos: int, cfg_eos: Any, generation_eos: Any) -> None:
+    if cfg_eos is not None and not _has(cfg_eos, eos):
+        ctx.warn(f"config.eos_token_id is {cfg_eos} but the tokenizer's EOS is {eos}; pad/end use {eos}")
+    if generation_eos is not None and not _has(generation_eos, eos):
+        ctx.warn(
+            f"generation_config.eos_token_id is {generation_eos} but the tokenizer's EOS is {eos}: "
+            "generate() will not stop at the tokenizer's EOS"
+        )
+
+
+def _generation_ids(ctx: BuildContext) -> dict[str, Any] | None:
+    """generation_config.json beside the weights, which from_pretrained will load; None if absent."""
+    path = os.path.join(ctx.model_name_or_path, "generation_config.json")
+    return read_json(path) if os.path.isdir(ctx.model_name_or_path) else None
 
 
 @hookimpl

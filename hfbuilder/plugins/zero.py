@@ -66,11 +66,17 @@ class ZeroStage(Stage):
                 ensure_distributed()  # raises the DistributedSetupError naming what to set
 
     def explain(self, ctx: BuildContext) -> list[str]:
+        ctx.fact("zero3", ctx.zero3)
         if not ctx.zero3:
             return ["ZeRO-3 off" + (" (DeepSpeed config without stage 3)" if ctx.ds_config else "")]
-        return [f"ZeRO-3 on: parameters partitioned in {zero3_dtype(ctx.ds_config)}"]
+        ctx.options.setdefault("dtype", zero3_dtype(ctx.ds_config))  # as run() does, for the later stages
+        return [
+            f"ZeRO-3 on: HfDeepSpeedConfig active for this build only; parameters partitioned over the ranks, "
+            f"dtype {ctx.options['dtype']}"
+        ]
 
     def run(self, ctx: BuildContext) -> None:
+        ctx.fact("zero3", ctx.zero3)
         if not ctx.zero3:
             ctx.note("ZeRO-3 off")
             return

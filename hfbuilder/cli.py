@@ -1,0 +1,459 @@
+"""The ``hfbuilder`` command: plan, build, list plugins, inspect checkpoints.
+
+Exit codes, for scripts:
+
+==== =====================================================================
+0    success
+1    the build failed, or would fail (``plan``), or a post-build invariant failed
+2    bad usage or input: arguments, paths, configs, tokenizer, checkpoint files
+3    a plugin failed to load or conflicts with another (stage order, names)
+130  interrupted
+==== =====================================================================
+
+Results go to stdout (``--json`` for programs); messages, warnings and progress bars
+go to stderr. Only the standard library is imported at start-up, so ``--help`` is fast:
+torch and transformers are imported by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from .context import zero_stage_of
+from .errors import (
+    BuilderInputError,
+    CheckpointError,
+    DistributedSetupError,
+    HFBuilderError,
+    InvariantError,
+    PluginError,
+    UnknownHeadError,
+)
+from .hookspecs import hookimpl
+
+log = logging.getLogger("hfbuilder.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PLUGIN, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+INPUT_ERRORS = (BuilderInputError, UnknownHeadError, CheckpointError, DistributedSetupError)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code for an error: 2 for bad input, 3 for plugins, 1 for everything else."""
+    if isinstance(exc, PluginError):
+        return EXIT_PLUGIN
+    if isinstance(exc, INPUT_ERRORS):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+# -- arguments -------------------------------------------------------------------------
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _probability(text: str) -> float:
+    from .builder import check_probability
+
+    try:
+        return check_probability(float(text), "--dropout")
+    except (ValueError, BuilderInputError) as exc:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from exc
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH", help="model directory (config.json, weights) or hub name")
+    parser.add_argument("--model-class", default="AutoModelForCausalLM", metavar="CLASS",
+                        help="transformers class, or module.Class (default: AutoModelForCausalLM)")
+    parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer to load (default: PATH)")
+    parser.add_argument("--phase", metavar="NAME", help="apply an RLHF phase (sft, reward, actor, ...) first")
+    zero = parser.add_mutually_exclusive_group()
+    zero.add_argument("--zero3", metavar="CFG", help="DeepSpeed JSON config asking for ZeRO stage 3")
+    zero.add_argument("--deepspeed", metavar="CFG", help="any DeepSpeed JSON config")
+    parser.add_argument("--dropout", type=_probability, metavar="P", help="set every dropout probability to P")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), help="parameter dtype")
+    parser.add_argument("--device", metavar="DEV", help="load straight onto DEV (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--deferred", action="store_true", help="architecture only; weights deferred")
+    parser.add_argument("--head", metavar="NAME", help="wrap the model in this head (e.g. reward)")
+    parser.add_argument("--head-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="head option, JSON-parsed when possible (repeatable)")
+    parser.add_argument("-o", "--option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="builder option for .with_options(), e.g. invariants=warn (repeatable)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (or module:attr) and register it with with_plugin (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hfbuilder",
+        description="Build Hugging Face models for RLHF with DeepSpeed, and explain what a build does.",
+        epilog="Exit codes: 0 ok, 1 build failed (or would), 2 bad usage or input, 3 plugin error, 130 interrupted.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars; errors only")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = sub.add_parser("plan", help="explain what a build will do, reading no weights",
+                          description="A dry run: each stage says what it will do. Reads config files and "
+                                      "checkpoint headers, never weights.")
+    _model_arguments(plan)
+    plan.add_argument("--world-size", type=int, metavar="N", help="ranks for the ZeRO-3 memory estimate")
+    plan.set_defaults(func=cmd_plan)
+
+    build = sub.add_parser("build", help="build the model and save it with safetensors",
+                           description="Build the model, check its invariants and save it (safetensors).")
+    _model_arguments(build)
+    build.add_argument("--save", metavar="OUT", help="directory to save the model and tokenizer into")
+    build.add_argument("--report", metavar="FILE", help="write the build report as JSON to FILE")
+    build.set_defaults(func=cmd_build)
+
+    plugins = sub.add_parser("plugins", help="list registered plugins, their stages and heads, and their origin")
+    plugins.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                         help="also register MODULE as with_plugin would (repeatable)")
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    plugins.set_defaults(func=cmd_plugins)
+
+    inspect = sub.add_parser("inspect", help="list a checkpoint's tensors and guess whose layout it follows",
+                             description="Keys, shapes, dtypes and format of a checkpoint, from file headers; "
+                                         "and whether it looks like DeepSpeed-Chat, OpenRLHF, TRL or plain HF.")
+    inspect.add_argument("checkpoint", metavar="CKPT", help="a directory, a .safetensors/.bin file or an index .json")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _setup_logging(args: argparse.Namespace) -> Callable[[], None]:
+    """Log hfbuilder's messages and Python warnings (``ctx.warn``) to stderr; return the undo.
+
+    Only the ``hfbuilder`` and ``py.warnings`` loggers are touched, and restored afterwards,
+    so ``main()`` can be called in-process (tests, notebooks) without leaking handlers.
+    """
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("hfbuilder: %(levelname)s: %(message)s"))
+    loggers = [logging.getLogger("hfbuilder"), logging.getLogger("py.warnings")]
+    saved = [(logger, logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+    logging.captureWarnings(True)
+
+    def restore() -> None:
+        logging.captureWarnings(False)
+        for logger, old_level, propagate in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            logger.propagate = propagate
+
+    return restore
+
+
+def _quiet_libraries() -> None:
+    """--quiet: silence transformers' and huggingface_hub's progress bars and chatter."""
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def _import_plugin(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr) if attr else module
+    except (ImportError, AttributeError) as exc:
+        raise PluginError(f"--plugin {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from exc
+
+
+def _model_class(name: str) -> Any:
+    if "." in name or ":" in name:
+        module_name, _, attr = name.replace(":", ".").rpartition(".")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise BuilderInputError(f"--model-class {name!r} cannot be imported: {exc}") from exc
+    import transformers
+
+    try:
+        return getattr(transformers, name)
+    except AttributeError:
+        raise BuilderInputError(f"--model-class {name!r} is not a transformers class (e.g. AutoModelForCausalLM)") from None
+
+
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise BuilderInputError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+
+
+def _builder(args: argparse.Namespace) -> Any:
+    from .builder import ModelBuilder
+
+    if os.path.isfile(args.path):
+        raise BuilderInputError(f"PATH {args.path!r} is a file; pass the model directory")
+    if not os.path.exists(args.path) and args.path.startswith(("/", ".", "~")):
+        raise BuilderInputError(f"PATH {args.path!r} does not exist")
+    if args.quiet:
+        _quiet_libraries()
+    builder = ModelBuilder(_model_class(args.model_class), args.path, _tokenizer(args.tokenizer or args.path))
+    for spec in args.plugin:
+        builder = builder.with_plugin(_import_plugin(spec))
+    if args.phase:
+        builder = builder.for_phase(args.phase)
+    if args.zero3:
+        builder = builder.with_zero3(args.zero3)
+    elif args.deepspeed:
+        builder = builder.with_deepspeed(args.deepspeed)
+    if args.dropout is not None:
+        builder = builder.with_dropout(args.dropout)
+    if args.dtype:
+        builder = builder.with_dtype(args.dtype)
+    if args.device:
+        builder = builder.on_device(args.device)
+    if args.deferred:
+        builder = builder.deferred_weights()
+    if args.head:
+        builder = builder.with_head(args.head, **dict(args.head_option))
+    elif args.head_option:
+        raise BuilderInputError("--head-option needs --head")
+    if args.option:
+        builder = builder.with_options(**dict(args.option))
+    return builder
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever libraries print to stderr while a command works, so stdout holds only
+    the result. fd-level: DeepSpeed's op builder and subprocesses print to fd 1 directly.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    with stdout_to_stderr():
+        explanation = _builder(args).explain(world_size=args.world_size)
+    if args.json:
+        _print_json(explanation.to_dict())
+    else:
+        print(explanation)
+    if explanation.exceptions:
+        for error in explanation.errors:
+            log.error("the build would fail: %s", error)
+        return exit_code(explanation.exceptions[0])
+    return EXIT_OK
+
+
+class StageProgress:
+    """A ``hfbuilder_run_stage`` wrapper, like any observing plugin: one tqdm step per stage."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    @hookimpl(wrapper=True)
+    def hfbuilder_run_stage(self, stage: Any, ctx: Any) -> Any:
+        self.bar.set_postfix_str(stage.name)
+        try:
+            return (yield)
+        finally:
+            self.bar.update(1)
+
+
+def _write_report(path: str | None, report: Any) -> None:
+    if path and report is not None:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(report.to_json(indent=2))
+
+
+def _save(model: Any, tokenizer: Any, out: str, zero3: bool) -> None:
+    """save_pretrained (safetensors) when the model has it, else safetensors' save_model; rank 0 only."""
+    rank = 0
+    gather: Any = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    with gather:
+        if rank != 0:
+            return
+        os.makedirs(out, exist_ok=True)
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(out)
+        else:
+            from safetensors.torch import save_model
+
+            save_model(model, os.path.join(out, "model.safetensors"))
+            config = getattr(model, "config", None)
+            if hasattr(config, "save_pretrained"):
+                config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    with stdout_to_stderr():
+        builder = _builder(args)
+        plan = builder.plan()
+        with tqdm(total=len(plan), desc="build", unit="stage", disable=args.quiet, file=sys.stderr) as bar:
+            try:
+                model, report = builder.with_plugin(StageProgress(bar)).build_with_report()
+            except InvariantError as exc:
+                _write_report(args.report, exc.report)
+                raise
+        if args.save:
+            _save(model, builder.tokenizer, args.save, zero3=zero_stage_of(builder.ds_config) == 3)
+            log.info("saved the model and tokenizer to %s", args.save)
+        _write_report(args.report, report)
+    if args.json:
+        _print_json({**report.to_dict(), "saved": args.save})
+    else:
+        print(report.format())
+        if args.save:
+            print(f"saved to {args.save}")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .manager import DISABLE_AUTOLOAD_ENV, Plugins, autoload_disabled
+
+    provided = Plugins([_import_plugin(spec) for spec in args.plugin]).provided()
+    if args.json:
+        _print_json({"autoload": not autoload_disabled(), "plugins": provided})
+        return EXIT_OK
+    if autoload_disabled():
+        print(f"entry-point plugins not loaded ({DISABLE_AUTOLOAD_ENV} is set)")
+    for name, info in provided.items():
+        origin = info["source"] + (f", {info['distribution']}" if info["distribution"] else "")
+        print(f"{name}  [{origin}]")
+        for stage in info["stages"]:
+            order = ", ".join(
+                f"{rel} {', '.join(stage[rel])}" for rel in ("after", "before") if stage[rel]
+            ) + (f", replaces {stage['replaces']}" if stage["replaces"] else "")
+            print(f"    stage  {stage['name']}" + (f"  ({order.strip(', ')})" if order else ""))
+        for kind in ("heads", "phases"):
+            for item in info[kind]:
+                print(f"    {kind[:-1]:<6} {item}")
+        if info["dropout_keys"]:
+            print(f"    dropout keys  {', '.join(info['dropout_keys'])}")
+        others = [h for h in info["hooks"] if h not in ("hfbuilder_stages", "hfbuilder_heads", "hfbuilder_phases",
+                                                        "hfbuilder_dropout_keys")]
+        if others:
+            print(f"    hooks  {', '.join(others)}")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .explain import human_bytes
+    from .files import guess_layout, read_json, summarize
+
+    progress = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        def progress(keys: Any) -> Any:
+            return tqdm(keys, desc="headers", unit="tensor", file=sys.stderr)
+
+    with stdout_to_stderr():
+        ckpt = summarize(args.checkpoint, progress)
+    folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
+    config = read_json(os.path.join(folder, "config.json"))
+    layout = guess_layout(ckpt.tensors, config)
+    dtypes: dict[str, int] = {}
+    for t in ckpt.tensors.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    summary = {
+        "checkpoint": args.checkpoint,
+        "format": ckpt.format,
+        "files": [f.to_dict() for f in ckpt.files],
+        "layout": layout.name,
+        "evidence": layout.evidence,
+        "tensors": len(ckpt.tensors),
+        "values": ckpt.values,
+        "dtypes": dtypes,
+        "architectures": (config or {}).get("architectures"),
+    }
+    if args.json:
+        keys = [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in ckpt.tensors.items()]
+        _print_json({**summary, "keys": keys})
+        return EXIT_OK
+    size = sum(f.bytes or 0 for f in ckpt.files)
+    print(f"checkpoint: {args.checkpoint}")
+    print(f"format:     {ckpt.format}, {len(ckpt.files)} file(s), {human_bytes(size)}")
+    print(f"layout:     {layout.name} ({layout.evidence})")
+    print(f"tensors:    {len(ckpt.tensors)}, {ckpt.values:,} values; dtypes "
+          + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
+    width = max((len(k) for k in ckpt.tensors), default=4)
+    print(f"{'key':<{width}}  {'shape':<16} dtype")
+    for k, t in ckpt.tensors.items():
+        print(f"{k:<{width}}  {str(list(t.shape)):<16} {t.dtype}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    restore_logging = _setup_logging(args)
+    try:
+        return args.func(args)
+    except HFBuilderError as exc:
+        log.error("%s", exc)
+        log.debug("traceback", exc_info=True)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `hfbuilder ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except Exception as exc:  # a bug or an OS error: say what, traceback with -v
+        log.error("%s: %s", type(exc).__name__, exc)
+        log.info("traceback", exc_info=True)
+        return EXIT_FAILED
+    finally:
+        restore_logging()
+
+
+__all__ = ["build_parser", "exit_code", "main"]
