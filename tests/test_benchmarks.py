@@ -93,7 +93,7 @@ def test_runner_end_to_end_tiny(tmp_path):
     results = json.loads((out / "results-sft-import-tiny.json").read_text())
     assert set(results["cases"]) == {"sft", "import"}
     sft = results["cases"]["sft"]
-    assert {c: v["n"] for c, v in sft["contenders"].items()} == {"dschat": 1, "hfbuilder": 1}
+    assert {c: v["n"] for c, v in sft["contenders"].items()} == {"dschat": 1, "hfbuilder": 1, "hfbuilder-unchecked": 1}
     assert isinstance(sft["ratios"][0]["value"], float)
     imports = results["cases"]["import"]
     assert imports["import_checks"]["hfbuilder"]["imported"] == []  # no torch, transformers, deepspeed...
