@@ -25,7 +25,7 @@ def current_vocab(config) -> int | None:
 def mark_resized(ctx: BuildContext, model, old: int, new: int) -> None:
     """Record in the provenance map that the embedding matrices gained rows ``old:new``."""
     resized = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied LM head too
         if id(p) in resized:
             source = ctx.report.provenance.get(name, "pretrained")
             ctx.report.provenance[name] = f"{source}+{PROVENANCE_RESIZED}[{old}:{new}]"
@@ -71,19 +71,27 @@ class ResizeStage(Stage):
 
     def run(self, ctx: BuildContext) -> None:
         model = ctx.model
-        current = model.get_input_embeddings().weight.shape[0] if not ctx.zero3 else current_vocab(model.config)
-        if ctx.zero3:
-            current = getattr(model.get_input_embeddings().weight, "ds_shape", (current,))[0]
+        weight = model.get_input_embeddings().weight
+        current = tuple(getattr(weight, "ds_shape", weight.shape))[0]  # a partitioned weight's shape is (0,)
         target = self._target(ctx, current)
         if target == current:
+            # Not even transformers' resize: under ZeRO-3 it rebuilds the matrices at the same size.
             ctx.note(f"vocabulary already {current}: unchanged")
             return
         if target < current:
             ctx.warn(f"shrinking the vocabulary from {current} to {target} rows (resize_allow_shrink)")
-        model.resize_token_embeddings(target, mean_resizing=bool(ctx.options.get("mean_resizing", True)))
+        mean_resizing = bool(ctx.options.get("mean_resizing", True))
+        if ctx.zero3 and hasattr(weight, "ds_id"):
+            from ..zero3 import resize_token_embeddings
+
+            resize_token_embeddings(model, target, ctx.ds_config, mean_resizing=mean_resizing)
+            how = "partitioned; new rows drawn on rank 0 and broadcast"
+        else:
+            model.resize_token_embeddings(target, mean_resizing=mean_resizing)
+            how = "transformers"
         if target > current:
             mark_resized(ctx, model, current, target)
-        ctx.note(f"resize_token_embeddings {current} -> {target}")
+        ctx.note(f"resize_token_embeddings {current} -> {target} ({how})")
 
 
 @hookimpl
