@@ -509,14 +509,40 @@ def safetensors_files(path: str | os.PathLike[str]) -> list[str] | None:
     return None
 
 
+class _Adapted:
+    """A reader with ``info(key).shape`` and ``get_tensor(key)`` (``hfbuilder.checkpoint_io``) seen
+    through the protocol's ``shape`` and ``get``."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+        if hasattr(reader, "get_slice"):
+            self.get_slice = reader.get_slice
+
+    def keys(self) -> Any:
+        return self.reader.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.reader.shape(key) if hasattr(self.reader, "shape") else self.reader.info(key).shape)
+
+    def get(self, key: str) -> Any:
+        return self.reader.get(key) if hasattr(self.reader, "get") else self.reader.get_tensor(key)
+
+    def __repr__(self) -> str:
+        return repr(self.reader)
+
+
 def _as_reader(reader: Any) -> Any:
     if isinstance(reader, (str, os.PathLike)):
         return SafetensorsReader.from_path(reader)
-    if not (hasattr(reader, "keys") and hasattr(reader, "shape") and (hasattr(reader, "get_slice") or hasattr(reader, "get"))):
+    has_shape = hasattr(reader, "shape") or hasattr(reader, "info")
+    has_data = any(hasattr(reader, a) for a in ("get_slice", "get", "get_tensor"))
+    if not (hasattr(reader, "keys") and has_shape and has_data):
         raise BuilderInputError(
             f"a checkpoint reader needs keys(), shape(key) and get_slice(key) or get(key); got {type(reader).__name__}"
         )
-    return reader
+    if hasattr(reader, "shape") and (hasattr(reader, "get") or not hasattr(reader, "get_tensor")):
+        return reader
+    return _Adapted(reader)
 
 
 def _listed(names: list[str]) -> str:
@@ -570,36 +596,69 @@ def check_checkpoint_keys(model: nn.Module, reader: Any, source: str = "the chec
 
 
 def load_checkpoint_into_partitions(
-    model: nn.Module, reader: Any, ctx: BuildContext | None = None, *, provenance: str = PROVENANCE_CHECKPOINT
+    model: nn.Module,
+    reader: Any,
+    ctx: BuildContext | None = None,
+    *,
+    sources: Mapping[str, str] | None = None,
+    partial_rows: Mapping[str, tuple[int, int]] | None = None,
+    provenance: str = PROVENANCE_CHECKPOINT,
 ) -> None:
-    """Load a checkpoint into a ZeRO-3 partitioned model, strictly, each rank reading only its rows.
+    """Load a checkpoint into a ZeRO-3 partitioned model, each rank reading only its own rows.
 
-    ``reader`` follows the reader protocol in this module's docstring (or is a path, opened
-    with :class:`SafetensorsReader`). Keys are strict: missing keys, unexpected keys and
-    shape mismatches raise :class:`CheckpointError` listing them, before anything is
-    written. Parameters not yet partitioned are partitioned first. A partition is filled
-    straight from the rows that cover it, with no communication; a parameter whose
-    partition lives elsewhere (NVMe offload) is gathered and filled from rank 0 instead.
-    Buffers are not partitioned: every rank reads them whole (they are small).
-    Collective only in that fallback and in partitioning: call it on every rank.
+    ``reader`` follows the reader protocol in this module's docstring, or is a
+    ``hfbuilder.checkpoint_io`` reader (``info``/``get_tensor``), or a path opened with
+    :class:`SafetensorsReader`.
+
+    Which key fills which tensor:
+
+    * ``sources`` (model state-dict name -> checkpoint key, one name per tensor), when the
+      caller has matched the keys already, as the ``checkpoint`` stage does (renamed legacy
+      keys, ignored keys, non-strict loads). ``partial_rows`` (name -> (rows in the
+      checkpoint, rows in the model)) marks matrices the resize stage grew: only the
+      checkpoint's rows are read, the new ones keep their values. Both default to the
+      ``checkpoint_plan`` the checkpoint stage leaves in ``ctx.state``.
+    * otherwise strict, exact keys: missing keys, unexpected keys and shape mismatches
+      raise :class:`CheckpointError` listing them, before anything is written. A tied
+      tensor needs one of its names.
+
+    Parameters not yet partitioned are partitioned first. A partition is filled straight
+    from the rows that cover it, with no communication; a parameter whose partition is
+    not in memory (NVMe offload) is gathered and filled from rank 0 instead. Buffers are
+    not partitioned: every rank reads them whole (they are small). Collective (all ranks
+    must call it) because of partitioning and that fallback.
     """
     import torch
 
     reader = _as_reader(reader)
     if ctx is not None and ctx.ds_config is not None:
         partition_unpartitioned(model, ctx.ds_config)
-    chosen = check_checkpoint_keys(model, reader, source=f"checkpoint {reader!r}")
+    plan = ctx.state.get("checkpoint_plan") if ctx is not None and sources is None else None
+    if plan is not None:
+        sources = plan.sources
+        partial_rows = partial_rows if partial_rows is not None else getattr(plan, "partial_rows", None)
     aliases, tensors = _targets(model)
+    if sources is None:
+        chosen = check_checkpoint_keys(model, reader, source=f"checkpoint {reader!r}")
+        limits: dict[int, int] = {}
+    else:
+        tid_of = {name: tid for tid, names in aliases.items() for name in names}
+        unknown = sorted(n for n in sources if n not in tid_of)
+        if unknown:
+            raise CheckpointError(f"sources name tensors {type(model).__name__} does not have: {_listed(unknown)}")
+        chosen = {tid_of[name]: key for name, key in sources.items()}
+        limits = {tid_of[name]: rows for name, (rows, _) in (partial_rows or {}).items()}
     direct = gathered = 0
     with torch.no_grad():
         for tid, key in chosen.items():  # state_dict order: the same on every rank
-            tensor = tensors[tid]
+            tensor, rows = tensors[tid], limits.get(tid)
             if not is_partitioned(tensor):
-                tensor.data.copy_(_read(reader, key, 0, None).reshape(tensor.shape))
-            elif _fill_partition(tensor, reader, key):
+                value = _read(reader, key, 0, rows)
+                target = tensor.data if rows is None else tensor.data[:rows]
+                target.copy_(value.reshape(target.shape))
+            elif _fill(tensor, reader, key, rows):
                 direct += 1
             else:
-                _fill_gathered(tensor, reader, key)
                 gathered += 1
     if ctx is not None:
         for tid in chosen:
@@ -613,7 +672,7 @@ def load_checkpoint_into_partitions(
 
 
 def _read(reader: Any, key: str, start: int, stop: int | None) -> torch.Tensor:
-    """Rows ``start:stop`` of ``key`` (all rows when ``stop`` is None)."""
+    """Rows ``start:stop`` of ``key`` (to the end when ``stop`` is None)."""
     shape = tuple(reader.shape(key))
     if not shape:
         return reader.get(key).reshape(1)
@@ -623,40 +682,44 @@ def _read(reader: Any, key: str, start: int, stop: int | None) -> torch.Tensor:
     return reader.get(key)[start:stop]
 
 
-def _fill_partition(param: Any, reader: Any, key: str) -> bool:
-    """Copy this rank's share of ``key`` into ``param.ds_tensor``; False if the partition isn't here."""
+def _fill_partition(param: Any, reader: Any, key: str, rows: int | None = None) -> bool:
+    """Copy this rank's share of ``key`` (its first ``rows`` rows) into ``param.ds_tensor``.
+
+    False if the partition is not in memory here (NVMe offload, or gathered right now).
+    """
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     part = param.ds_tensor
     if part is None or getattr(part, "final_location", None) is not None or param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
         return False
-    size = part.ds_numel
-    start = param.ds_zero_partition_rank * size
-    stop = min(start + size, param.ds_numel)
-    if start >= stop:
-        return True  # this rank holds only padding
     shape = tuple(param.ds_shape)
     row = math.prod(shape[1:]) if shape else 1
+    size = part.ds_numel
+    start = param.ds_zero_partition_rank * size
+    stop = min(start + size, param.ds_numel, param.ds_numel if rows is None else rows * row)
+    if start >= stop:
+        return True  # this rank holds only padding, or only rows the checkpoint does not have
     first, last = start // row, -(-stop // row)
-    rows = _read(reader, key, first, last if shape else None).reshape(-1)
-    part.data[: stop - start].copy_(rows[start - first * row : stop - first * row])
+    values = _read(reader, key, first, last if shape else None).reshape(-1)
+    part.data[: stop - start].copy_(values[start - first * row : stop - first * row])
     return True
 
 
-def _fill(param: Any, reader: Any, key: str) -> bool:
+def _fill(param: Any, reader: Any, key: str, rows: int | None = None) -> bool:
     """Fill ``param`` from ``key``: its own partition directly, else gathered from rank 0. True if direct."""
-    if _fill_partition(param, reader, key):
+    if _fill_partition(param, reader, key, rows):
         return True
-    _fill_gathered(param, reader, key)
+    _fill_gathered(param, reader, key, rows)
     return False
 
 
-def _fill_gathered(param: Any, reader: Any, key: str) -> None:
+def _fill_gathered(param: Any, reader: Any, key: str, rows: int | None = None) -> None:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
         if _group_rank(param) == 0:
-            param.data.copy_(_read(reader, key, 0, None).reshape(param.shape))
+            target = param.data if rows is None else param.data[:rows]
+            target.copy_(_read(reader, key, 0, rows).reshape(target.shape))
 
 
 # -- from_pretrained, partition by partition --------------------------------------------------

@@ -145,6 +145,8 @@ def test_checkpoint_loaded_into_partitions(world2):
         assert "unexpected keys [v_head.bias]" in errors["unexpected"]
         assert "shape mismatches" in errors["shape"]
     assert ranks[0]["sliced"]["digests"] == ranks[1]["sliced"]["digests"]
+    for facts in ranks:
+        assert facts["partial"] == {"old_rows_from_checkpoint": True, "new_rows_kept": True, "others_equal": True}
 
 
 @pytest.mark.zero3
@@ -300,3 +302,36 @@ def test_load_into_an_unpartitioned_model_copies_everything(model_dir):
 def test_a_reader_must_follow_the_protocol():
     with pytest.raises(BuilderInputError, match="keys"):
         load_checkpoint_into_partitions(torch.nn.Linear(2, 2), object())
+
+
+class _InfoReader:
+    """The interface of hfbuilder.checkpoint_io's reader: info().shape and get_tensor()."""
+
+    def __init__(self, path):
+        self.reader = SafetensorsReader.from_path(path)
+
+    def keys(self):
+        return self.reader.keys()
+
+    def info(self, key):
+        return type("TensorInfo", (), {"shape": self.reader.shape(key)})()
+
+    def get_tensor(self, key):
+        return self.reader.get(key)
+
+
+def test_sources_and_partial_rows_as_the_checkpoint_stage_passes_them(model_dir):
+    path = model_dir("llama")
+    source = AutoModelForCausalLM.from_pretrained(path)
+    target = AutoModelForCausalLM.from_config(source.config)
+    target.resize_token_embeddings(48, mean_resizing=False)
+    grown = {n: p.detach().clone() for n, p in target.named_parameters() if p.shape[0] == 48}
+    names = {n: n for n in source.state_dict()}
+    partial = {n: (45, 48) for n in grown}
+    load_checkpoint_into_partitions(target, _InfoReader(path), sources=names, partial_rows=partial)
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name][: value.shape[0]], value), name
+    for name, value in grown.items():
+        assert torch.equal(target.state_dict()[name][45:], value[45:]), name
+    with pytest.raises(CheckpointError, match="does not have"):
+        load_checkpoint_into_partitions(target, _InfoReader(path), sources={"nope.weight": "x"})

@@ -183,7 +183,44 @@ def check_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
             "keys": sorted(ckpt),
             "digests": {k: digest(v) for k, v in full.items()},
         }
+    # As the checkpoint stage calls it: keys matched by the caller, a checkpoint with fewer
+    # embedding rows than the resized model (rows 45:48 keep the resize's values), and a
+    # reader with info()/get_tensor() instead of shape()/get().
+    model, _ = build_head_model(spec)
+    embed = "base.embed_tokens.weight"
+    before = gathered(model)[embed]
+    load_checkpoint_into_partitions(
+        model, _InfoReader(reader, {embed: 45}), sources={k: k for k in ckpt}, partial_rows={embed: (45, 48)}
+    )
+    full = gathered(model)
+    out["partial"] = {
+        "old_rows_from_checkpoint": bool(torch.equal(full[embed][:45], ckpt[embed][:45].to(torch.bfloat16))),
+        "new_rows_kept": bool(torch.equal(full[embed][45:], before[45:])),
+        "others_equal": all(torch.equal(full[k], ckpt[k].to(full[k].dtype)) for k in ckpt if k != embed),
+    }
     return out
+
+
+class _InfoReader:
+    """hfbuilder.checkpoint_io's reader interface, with some tensors cut to fewer rows."""
+
+    def __init__(self, reader: Any, rows: dict[str, int]) -> None:
+        self.reader, self.rows = reader, rows
+
+    def keys(self) -> list[str]:
+        return self.reader.keys()
+
+    def info(self, key: str) -> Any:
+        shape = tuple(self.reader.shape(key))
+        if key in self.rows:
+            shape = (self.rows[key], *shape[1:])
+        return type("TensorInfo", (), {"shape": shape})()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.reader.get(key)[: self.rows.get(key)]
+
+    def get_slice(self, key: str) -> Any:
+        return self.get_tensor(key)
 
 
 def check_global_state(spec: dict[str, Any]) -> dict[str, Any]:
