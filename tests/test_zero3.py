@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-from zero3_harness import HeadPlugin, run_ranks
 
 import hfbuilder
 from hfbuilder import BuilderInputError, CheckpointError, DistributedSetupError, ModelBuilder
@@ -26,6 +25,11 @@ from hfbuilder.zero3 import (
     load_checkpoint_into_partitions,
     safetensors_files,
 )
+
+try:  # tests/ is a package on main
+    from .zero3_harness import HeadPlugin, run_ranks
+except ImportError:  # pragma: no cover - tests/ as plain rootdir modules
+    from zero3_harness import HeadPlugin, run_ranks
 
 WORKER = os.path.join(os.path.dirname(__file__), "zero3_worker.py")
 DS = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10_000,
