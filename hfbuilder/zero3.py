@@ -391,8 +391,9 @@ def _resize_matrix(
 def _new_rows(model: Any, old: Any, old_n: int, added: int, dim: int, mean_resizing: bool, lm_head: bool) -> Any:
     """On rank 0, with ``old`` gathered: a plain module whose rows are the ``added`` new ones.
 
-    transformers' own initializers write the last ``added`` rows of the module they are
-    given, so a module of exactly ``added`` rows receives just those.
+    ``mean_resizing=False`` uses the model's ``_init_weights``, as transformers does. Mean
+    resizing draws from the same distribution as transformers' ``_init_added_*_with_mean``,
+    see :func:`mean_resized_rows`; the bias, if any, uses transformers' own helper.
     """
     import torch
 
@@ -400,15 +401,43 @@ def _new_rows(model: Any, old: Any, old_n: int, added: int, dim: int, mean_resiz
         tmp = torch.nn.Linear(dim, added, bias=old.bias is not None, dtype=old.weight.dtype)
     else:
         tmp = torch.nn.Embedding(added, dim, dtype=old.weight.dtype)
-    if not mean_resizing or not hasattr(model, "_init_added_embeddings_weights_with_mean"):
+    if not mean_resizing:
         model._init_weights(tmp)
-    elif lm_head:
-        model._init_added_lm_head_weights_with_mean(old, tmp, dim, old_n, added)
-        if old.bias is not None:
-            model._init_added_lm_head_bias_with_mean(old, tmp, added)
-    else:
-        model._init_added_embeddings_weights_with_mean(old, tmp, old_n, added)
+        return tmp
+    with torch.no_grad():
+        tmp.weight.copy_(mean_resized_rows(old.weight.data[:old_n], added))
+    if lm_head and old.bias is not None:
+        model._init_added_lm_head_bias_with_mean(old, tmp, added)
     return tmp
+
+
+def mean_resized_rows(weight: torch.Tensor, added: int, chunk_bytes: int = 1 << 24) -> torch.Tensor:
+    """``added`` rows drawn like transformers' mean resizing (``_init_added_embeddings_weights_with_mean``).
+
+    The same distribution, N(mean, 1e-9 * covariance) of the existing rows, or the mean
+    itself when that covariance is not positive definite; but the mean and covariance are
+    accumulated in fp32 chunks of ``chunk_bytes``, where transformers makes two fp32 copies
+    of the whole matrix. For a 50k x 512 bf16 embedding that is 200 MiB less on rank 0,
+    the one rank that draws the rows.
+    """
+    import torch
+
+    n, dim = weight.shape
+    step = max(1, chunk_bytes // (4 * dim))
+    mean = torch.zeros(dim, dtype=torch.float32, device=weight.device)
+    for i in range(0, n, step):
+        mean += weight[i : i + step].float().sum(dim=0)
+    mean /= n
+    covariance = torch.zeros(dim, dim, dtype=torch.float32, device=weight.device)
+    for i in range(0, n, step):
+        centered = weight[i : i + step].float() - mean
+        covariance.addmm_(centered.T, centered)
+    covariance /= n
+    epsilon = 1e-9
+    if torch.distributions.constraints.positive_definite.check(epsilon * covariance).all():
+        normal = torch.distributions.MultivariateNormal(mean, covariance_matrix=epsilon * covariance)
+        return normal.sample((added,)).to(weight.dtype)
+    return mean[None, :].repeat(added, 1).to(weight.dtype)
 
 
 def _group_src(param: Any) -> int:

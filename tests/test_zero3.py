@@ -180,6 +180,8 @@ def test_deepspeed_initialize_and_train(world2, check):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the same batch on both ranks, one model
+    if check == "train_lm":  # generate(synced_gpus=True) with ranks stopping at different lengths
+        assert [r["generated_shape"] for r in ranks] == [[2, 6], [2, 8]]
 
 
 # -- real DeepSpeed, world size 1, distributed initialized by the caller -------------------------
@@ -339,3 +341,21 @@ def test_sources_and_partial_rows_as_the_checkpoint_stage_passes_them(model_dir)
         assert torch.equal(target.state_dict()[name][45:], value[45:]), name
     with pytest.raises(CheckpointError, match="does not have"):
         load_checkpoint_into_partitions(target, _InfoReader(path), sources={"nope.weight": "x"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_resized_rows_draws_like_transformers(model_dir, dtype):
+    """Chunked statistics, transformers' distribution: with the same seed, the same rows
+    up to float summation order."""
+    from hfbuilder.zero3 import mean_resized_rows
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir("llama"))
+    old = torch.nn.Embedding(45, 16, dtype=dtype)
+    old.weight.data.copy_(model.get_input_embeddings().weight.data)
+    theirs = torch.nn.Embedding(5, 16, dtype=dtype)
+    torch.manual_seed(1)
+    model._init_added_embeddings_weights_with_mean(old, theirs, 45, 5)
+    torch.manual_seed(1)
+    ours = mean_resized_rows(old.weight.data, 5, chunk_bytes=7 * 64)  # 7 rows a chunk: several chunks
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, theirs.weight.data, rtol=0, atol=1e-6)

@@ -252,6 +252,7 @@ def check_global_state(spec: dict[str, Any]) -> dict[str, Any]:
         out["error"] = str(exc)
     out["after_error"] = hf_ds.is_deepspeed_zero3_enabled()
     out["weak_ref_after_error"] = hf_ds._hf_deepspeed_config_weak_ref is None
+    out["functional_linear"] = getattr(torch.nn.functional.linear, "__qualname__", "?")
     return out
 
 
@@ -263,7 +264,7 @@ def check_stage2(spec: dict[str, Any]) -> dict[str, Any]:
     return {**partition_facts(model), "zero3_after": hf_ds.is_deepspeed_zero3_enabled()}
 
 
-def train(model: torch.nn.Module, spec: dict[str, Any], loss_fn: Any, steps: int = 4) -> list[float]:
+def train(model: torch.nn.Module, spec: dict[str, Any], loss_fn: Any, steps: int = 4, after: Any = None) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.get("lr", 1e-3))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=spec["ds"])
@@ -275,20 +276,31 @@ def train(model: torch.nn.Module, spec: dict[str, Any], loss_fn: Any, steps: int
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))
+    out = {"losses": losses, **(after(engine, ids) if after else {})}
     engine.destroy()
-    return losses
+    return out
+
+
+def generate(engine: Any, ids: torch.Tensor) -> dict[str, Any]:
+    """generate() as docs/zero3.md says, with ranks that stop at different lengths."""
+    engine.eval()
+    with torch.no_grad():
+        seq = engine.module.generate(
+            ids[:, :4], max_new_tokens=2 + 2 * RANK, do_sample=False, synced_gpus=True, pad_token_id=0
+        )
+    return {"generated_shape": list(seq.shape)}
 
 
 def check_train_lm(spec: dict[str, Any]) -> dict[str, Any]:
     path = spec["lm_dirs"]["llama"]
     tok = AutoTokenizer.from_pretrained(path)
     model = ModelBuilder(AutoModelForCausalLM, path, tok).with_zero3(spec["ds"]).build()
-    return {"losses": train(model, spec, lambda engine, ids: engine(input_ids=ids, labels=ids).loss)}
+    return train(model, spec, lambda engine, ids: engine(input_ids=ids, labels=ids).loss, after=generate)
 
 
 def check_train_head(spec: dict[str, Any]) -> dict[str, Any]:
     model, _ = build_head_model(spec)
-    return {"losses": train(model, spec, lambda engine, ids: (engine(ids).float() - 1.0).pow(2).mean())}
+    return train(model, spec, lambda engine, ids: (engine(ids).float() - 1.0).pow(2).mean())
 
 
 def check_local_rank(spec: dict[str, Any]) -> dict[str, Any]:
