@@ -631,6 +631,7 @@ def load_checkpoint_into_partitions(
     *,
     sources: Mapping[str, str] | None = None,
     partial_rows: Mapping[str, tuple[int, int]] | None = None,
+    use_plan: bool = True,
     provenance: str = PROVENANCE_CHECKPOINT,
 ) -> None:
     """Load a checkpoint into a ZeRO-3 partitioned model, each rank reading only its own rows.
@@ -646,7 +647,8 @@ def load_checkpoint_into_partitions(
       keys, ignored keys, non-strict loads). ``partial_rows`` (name -> (rows in the
       checkpoint, rows in the model)) marks matrices the resize stage grew: only the
       checkpoint's rows are read, the new ones keep their values. Both default to the
-      ``checkpoint_plan`` the checkpoint stage leaves in ``ctx.state``.
+      ``checkpoint_plan`` the checkpoint stage leaves in ``ctx.state`` (``use_plan=False``:
+      ignore it).
     * otherwise strict, exact keys: missing keys, unexpected keys and shape mismatches
       raise :class:`CheckpointError` listing them, before anything is written. A tied
       tensor needs one of its names.
@@ -662,7 +664,7 @@ def load_checkpoint_into_partitions(
     reader = _as_reader(reader)
     if ctx is not None and ctx.ds_config is not None:
         partition_unpartitioned(model, ctx.ds_config)
-    plan = ctx.state.get("checkpoint_plan") if ctx is not None and sources is None else None
+    plan = ctx.state.get("checkpoint_plan") if ctx is not None and sources is None and use_plan else None
     if plan is not None:
         sources = plan.sources
         partial_rows = partial_rows if partial_rows is not None else getattr(plan, "partial_rows", None)
@@ -823,16 +825,24 @@ def load_pretrained_partitioned(ctx: BuildContext, config: Any, dtype: Any) -> n
     model = build_partitioned(ctx.model_class, config, dtype)
     view = _pretrained_view(model, reader)
     if not isinstance(view, str):
-        aliases, _ = _targets(model)
+        aliases, tensors = _targets(model)
         covered = set(view.keys())
         uncovered = [names[0] for names in aliases.values() if not covered.intersection(names)]
+        mismatched = [
+            name
+            for tid, names in aliases.items()
+            for name in names
+            if name in covered and tuple(view.shape(name)) != tuple(getattr(tensors[tid], "ds_shape", tensors[tid].shape))
+        ]
         if uncovered:
             view = f"the checkpoint lacks {_listed(uncovered)}"
+        elif mismatched:
+            view = f"shapes differ from the config for {_listed(mismatched)}"
     if isinstance(view, str):
         ctx.note(f"ZeRO-3 partition loader skipped: {view}; using from_pretrained")
         del model
         return None
-    load_checkpoint_into_partitions(model, view, ctx, provenance=PROVENANCE_PRETRAINED)
+    load_checkpoint_into_partitions(model, view, ctx, use_plan=False, provenance=PROVENANCE_PRETRAINED)
     if view.dropped:
         ctx.note(f"checkpoint keys the model does not use (from_pretrained ignores them too): {_listed(view.dropped)}")
     model.eval()  # as from_pretrained leaves it
