@@ -113,7 +113,8 @@ def test_causal_lm_partitioned_consistent_and_equal_to_checkpoint(world2, family
     assert ranks[0]["digests"] == ranks[1]["digests"]
     assert ranks[0]["tied"] is (family == "lm_opt")
     resized = [k for k, v in ranks[0]["provenance"].items() if "resized[45:48]" in v]
-    assert len(resized) == 2  # the embedding and the LM head (tied or not)
+    assert any("embed_tokens" in k for k in resized), resized
+    assert ranks[0]["tied"] or any("lm_head" in k for k in resized), resized  # a tied head may be listed once
 
 
 @pytest.mark.zero3
