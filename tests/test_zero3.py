@@ -60,8 +60,15 @@ def zero3_inputs(model_dir, tmp_path_factory):
     head_model = ModelBuilder(AutoModel, llama, tok).with_plugin(HeadPlugin()).with_head("test_value").build()
     head_ckpt = root / "head.safetensors"
     save_file({k: v.contiguous() for k, v in head_model.state_dict().items()}, head_ckpt)
+    # A DeepSpeed-Chat step-2 output: an OPT reward model's state dict (rwtransformer.*, v_head.weight).
+    critic_dir = root / "critic"
+    shutil.copytree(opt, critic_dir)
+    reward = ModelBuilder(AutoModel, opt, AutoTokenizer.from_pretrained(opt)).for_phase(
+        "reward", num_padding_at_beginning=1).build()
+    torch.nn.init.normal_(reward.v_head.weight)
+    save_file({k: v.contiguous() for k, v in reward.state_dict().items()}, critic_dir / "model.safetensors")
     return {"lm_dirs": {"llama": llama, "opt": opt}, "bin_dir": str(bin_dir), "head_dir": llama,
-            "head_ckpt": str(head_ckpt), "ds": DS, "root": root}
+            "head_ckpt": str(head_ckpt), "critic_dir": str(critic_dir), "ds": DS, "root": root}
 
 
 def _spec(inputs, checks, **extra):
@@ -76,7 +83,8 @@ def _ok(results, check):
 
 # -- real DeepSpeed, world size 2 ---------------------------------------------------------------
 
-WORLD2_CHECKS = ["lm_llama", "lm_opt", "bin", "head", "checkpoint", "global_state", "stage2", "train_lm", "train_head"]
+WORLD2_CHECKS = ["lm_llama", "lm_opt", "bin", "head", "checkpoint", "global_state", "stage2", "train_lm", "train_head",
+                 "critic", "train_reward"]
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +182,7 @@ def test_stage2_config_builds_like_no_zero3(world2):
 
 
 @pytest.mark.zero3
-@pytest.mark.parametrize("check", ["train_lm", "train_head"])
+@pytest.mark.parametrize("check", ["train_lm", "train_head", "train_reward"])
 def test_deepspeed_initialize_and_train(world2, check):
     ranks = _ok(world2, check)
     losses = ranks[0]["losses"]
@@ -183,6 +191,17 @@ def test_deepspeed_initialize_and_train(world2, check):
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the same batch on both ranks, one model
     if check == "train_lm":  # generate(synced_gpus=True) with ranks stopping at different lengths
         assert [r["generated_shape"] for r in ranks] == [[2, 6], [2, 8]]
+
+
+@pytest.mark.zero3
+def test_critic_reward_model_loaded_into_partitions(world2):
+    ranks = _ok(world2, "critic")
+    for facts in ranks:
+        assert facts["type"] == "RewardModel"
+        _assert_partitioned(facts)  # v_head included, in the config's dtype
+        assert facts["equal_checkpoint"] == facts["keys"]  # every tensor, v_head too, is the checkpoint's
+        assert "v_head.weight" in facts["keys"] and facts["v_head"] == "checkpoint"
+    assert ranks[0]["digests"] == ranks[1]["digests"]
 
 
 # -- real DeepSpeed, world size 1, distributed initialized by the caller -------------------------

@@ -303,6 +303,40 @@ def check_train_head(spec: dict[str, Any]) -> dict[str, Any]:
     return train(model, spec, lambda engine, ids: (engine(ids).float() - 1.0).pow(2).mean())
 
 
+def build_critic(spec: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """DeepSpeed-Chat step 3's critic: the step-2 reward model from its checkpoint, under ZeRO-3."""
+    path = spec["critic_dir"]
+    tok = AutoTokenizer.from_pretrained(path)
+    builder = ModelBuilder(AutoModel, path, tok).for_phase("critic", num_padding_at_beginning=1)
+    return builder.with_zero3(spec["ds"]).build_with_report()
+
+
+def check_critic(spec: dict[str, Any]) -> dict[str, Any]:
+    model, report = build_critic(spec)
+    ckpt = checkpoint_tensors(os.path.join(spec["critic_dir"], "model.safetensors"))
+    full = gathered(model)
+    return {
+        **partition_facts(model),
+        "type": type(model).__name__,
+        "digests": {k: digest(v) for k, v in full.items()},
+        "equal_checkpoint": sorted(k for k in ckpt if k in full and torch.equal(full[k], ckpt[k].to(full[k].dtype))),
+        "keys": sorted(ckpt),
+        "v_head": report.provenance.get("v_head.weight"),
+    }
+
+
+def reward_loss(engine: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Chosen = ids, rejected = ids with a different tail: DeepSpeed-Chat's pairwise loss."""
+    rejected = ids.clone()
+    rejected[:, 4:] = (rejected[:, 4:] + 7) % 41 + 4
+    return engine(torch.cat([ids, rejected]))["loss"]
+
+
+def check_train_reward(spec: dict[str, Any]) -> dict[str, Any]:
+    model, _ = build_critic(spec)
+    return train(model, spec, reward_loss)
+
+
 def check_local_rank(spec: dict[str, Any]) -> dict[str, Any]:
     """Distributed initialized by the caller, LOCAL_RANK missing: a clear error from check()."""
     path = spec["lm_dirs"]["llama"]
@@ -328,6 +362,8 @@ CHECKS = {
     "train_lm": check_train_lm,
     "train_head": check_train_head,
     "local_rank": check_local_rank,
+    "critic": check_critic,
+    "train_reward": check_train_reward,
 }
 
 
