@@ -71,6 +71,15 @@ class LoadStage(Stage):
                 del kwargs["dtype"]
             ctx.model = self._architecture(ctx, config, kwargs)
             return
+        if ctx.zero3 and ctx.options.get("zero3_partition_loader", True):
+            from ..zero3 import load_pretrained_partitioned
+
+            # Each rank reads only the safetensors rows of its own partitions; None: use from_pretrained.
+            model = load_pretrained_partitioned(ctx, config, dtype)
+            if model is not None:
+                ctx.model = model
+                ctx.note(f"{type(model).__name__} built partitioned, no weight init; filled from {ctx.model_name_or_path}")
+                return
         device = ctx.options.get("device")
         if device and not ctx.zero3:
             kwargs["device_map"] = device

@@ -25,7 +25,7 @@ def current_vocab(config) -> int | None:
 def mark_resized(ctx: BuildContext, model, old: int, new: int) -> None:
     """Record in the provenance map that the embedding matrices gained rows ``old:new``."""
     resized = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied LM head too
         if id(p) in resized:
             source = ctx.report.provenance.get(name, "pretrained")
             ctx.report.provenance[name] = f"{source}+{PROVENANCE_RESIZED}[{old}:{new}]"
@@ -92,18 +92,25 @@ class ResizeStage(Stage):
 
     def run(self, ctx: BuildContext) -> None:
         model = ctx.model
-        current = model.get_input_embeddings().weight.shape[0] if not ctx.zero3 else current_vocab(model.config)
-        if ctx.zero3:
-            current = getattr(model.get_input_embeddings().weight, "ds_shape", (current,))[0]
+        weight = model.get_input_embeddings().weight
+        current = tuple(getattr(weight, "ds_shape", weight.shape))[0]  # a partitioned weight's shape is (0,)
         target = self._decide(ctx, current)
         if target == current:
+            # Not even transformers' resize: under ZeRO-3 it rebuilds the matrices at the same size.
             ctx.note(f"vocabulary already {current}: unchanged")
             return
         mean_resizing = bool(ctx.options.get("mean_resizing", True))
         # A deferred build has its embeddings on the meta device: there are no rows to
         # average yet. The new rows stay deferred; the checkpoint or materialize stage fills them.
-        deferred = not ctx.zero3 and model.get_input_embeddings().weight.is_meta
-        model.resize_token_embeddings(target, mean_resizing=mean_resizing and not deferred)
+        deferred = not ctx.zero3 and weight.is_meta
+        if ctx.zero3 and hasattr(weight, "ds_id"):
+            from ..zero3 import resize_token_embeddings
+
+            resize_token_embeddings(model, target, ctx.ds_config, mean_resizing=mean_resizing)
+            how = "partitioned; new rows drawn on rank 0 and broadcast"
+        else:
+            model.resize_token_embeddings(target, mean_resizing=mean_resizing and not deferred)
+            how = "transformers"
         if target > current:
             mark_resized(ctx, model, current, target)
             if deferred:
@@ -111,7 +118,7 @@ class ResizeStage(Stage):
                             if m is not None}
                 ctx.state["resized_rows"] = [(w, current, target) for w in matrices.values()]
                 ctx.note(f"rows {current}:{target} deferred (meta device) until the checkpoint or materialize stage")
-        ctx.note(f"resize_token_embeddings {current} -> {target}")
+        ctx.note(f"resize_token_embeddings {current} -> {target} ({how})")
 
 
 @hookimpl

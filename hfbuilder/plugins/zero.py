@@ -4,53 +4,38 @@ transformers decides whether to partition while it builds a model by looking at 
 process-global weak reference to an ``HfDeepSpeedConfig``. DeepSpeed-Chat creates
 one and relies on garbage collection to drop it; hfbuilder holds it for exactly the
 build and restores whatever was there before, also when a stage raises.
+
+This plugin also implements ``hfbuilder_run_stage`` as a wrapper: under ZeRO-3, after
+every stage, whatever parameters the stage left unpartitioned (a head, adapters, anything
+a third-party stage made) are cast to the config's dtype and partitioned from rank 0's
+values, so no stage needs ZeRO-3 code of its own to keep the model consistent.
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
+from collections.abc import Generator
 from typing import Any
 
 from ..context import BuildContext
-from ..errors import DistributedSetupError
+from ..errors import BuilderInputError
 from ..hookspecs import hookimpl
 from ..stage import Stage
+from ..zero3 import LAUNCHER_VARS, check_distributed, ds_dtype_name, ensure_distributed, ensure_partitioned
 
-LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+#: Kept for callers of the first version; :func:`hfbuilder.zero3.ds_dtype_name` is the same function.
+zero3_dtype = ds_dtype_name
 
-
-def zero3_dtype(ds_config: dict[str, Any]) -> str:
-    """The parameter dtype a DeepSpeed config trains in: bfloat16, float16 or float32."""
-    for key, dtype in (("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("fp16", "float16")):
-        section = ds_config.get(key)
-        if isinstance(section, dict) and section.get("enabled") in (True, "auto"):
-            return dtype
-    return "float32"
-
-
-def ensure_distributed() -> None:
-    """Initialize torch.distributed through DeepSpeed if the caller has not."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return
-    missing = [v for v in LAUNCHER_VARS if v not in os.environ]
-    if missing:
-        raise DistributedSetupError(
-            "ZeRO-3 needs torch.distributed, which is not initialized, and the environment lacks "
-            f"{', '.join(missing)}. Launch with `deepspeed` or `torchrun`, call "
-            "deepspeed.init_distributed() first, or set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE "
-            "and LOCAL_RANK (e.g. 127.0.0.1, 29500, 0, 1, 0 for one process)."
-        )
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-    deepspeed.init_distributed(dist_backend=backend) if backend else deepspeed.init_distributed()
+_ACTIVE = "hf_deepspeed_config"
 
 
 class ZeroStage(Stage):
-    """With ZeRO-3, activates ``HfDeepSpeedConfig`` until the build ends."""
+    """With ZeRO-3, activates ``HfDeepSpeedConfig`` until the build ends.
+
+    Any other DeepSpeed config (stage 0, 1 or 2) changes nothing at build time, as in
+    DeepSpeed-Chat: those stages partition optimizer state and gradients, which
+    ``deepspeed.initialize`` sets up later.
+    """
 
     name = "zero"
     after = ("dropout",)
@@ -58,21 +43,26 @@ class ZeroStage(Stage):
     def check(self, ctx: BuildContext) -> None:
         if not ctx.zero3:
             return
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            missing = [v for v in LAUNCHER_VARS if v not in os.environ]
-            if missing:
-                ensure_distributed()  # raises the DistributedSetupError naming what to set
+        if importlib.util.find_spec("deepspeed") is None:
+            raise BuilderInputError("a ZeRO-3 build needs deepspeed installed (pip install deepspeed)")
+        wanted = ds_dtype_name(ctx.ds_config)
+        given = ctx.options.get("dtype")
+        if given not in (None, "auto", wanted):
+            raise BuilderInputError(
+                f"with_dtype({given!r}) contradicts the ZeRO-3 config, which partitions every parameter in "
+                f"{wanted}; drop with_dtype or change the config's bf16/fp16 section"
+            )
+        check_distributed()
 
     def explain(self, ctx: BuildContext) -> list[str]:
         ctx.fact("zero3", ctx.zero3)
         if not ctx.zero3:
             return ["ZeRO-3 off" + (" (DeepSpeed config without stage 3)" if ctx.ds_config else "")]
-        ctx.options.setdefault("dtype", zero3_dtype(ctx.ds_config))  # as run() does, for the later stages
+        ctx.options.setdefault("dtype", ds_dtype_name(ctx.ds_config))  # as run() does, for the later stages
         return [
             f"ZeRO-3 on: HfDeepSpeedConfig active for this build only; parameters partitioned over the ranks, "
-            f"dtype {ctx.options['dtype']}"
+            f"dtype {ctx.options['dtype']}",
+            "after every stage: partition what the stage left unpartitioned (rank 0's values)",
         ]
 
     def run(self, ctx: BuildContext) -> None:
@@ -84,18 +74,29 @@ class ZeroStage(Stage):
         from transformers.integrations import deepspeed as hf_ds
 
         previous = hf_ds._hf_deepspeed_config_weak_ref
-        dschf = hf_ds.HfDeepSpeedConfig(ctx.ds_config)  # sets the global weak reference
-        ctx.state["hf_deepspeed_config"] = dschf  # the strong reference that keeps it alive
 
         def restore() -> None:
             hf_ds._hf_deepspeed_config_weak_ref = previous
-            ctx.state.pop("hf_deepspeed_config", None)
+            ctx.state.pop(_ACTIVE, None)
 
-        ctx.call_on_exit(restore)
-        ctx.options.setdefault("dtype", zero3_dtype(ctx.ds_config))
-        ctx.note(f"HfDeepSpeedConfig active for this build; dtype {ctx.options['dtype']}")
+        ctx.call_on_exit(restore)  # before the constructor sets the global: restored even if it raises
+        ctx.state[_ACTIVE] = hf_ds.HfDeepSpeedConfig(ctx.ds_config)  # the strong reference; sets the weak one
+        dtype = ds_dtype_name(ctx.ds_config)
+        ctx.options["dtype"] = dtype  # "auto" would let from_pretrained pick the checkpoint's dtype
+        ctx.note(f"HfDeepSpeedConfig active for this build; dtype {dtype}")
 
 
 @hookimpl
 def hfbuilder_stages() -> list[Stage]:
     return [ZeroStage()]
+
+
+@hookimpl(wrapper=True)
+def hfbuilder_run_stage(stage: Stage, ctx: BuildContext) -> Generator[None, Any, Any]:
+    result = yield
+    if ctx.zero3 and _ACTIVE in ctx.state:
+        ensure_partitioned(ctx)
+    return result
+
+
+__all__ = ["LAUNCHER_VARS", "ZeroStage", "ensure_distributed", "zero3_dtype"]
