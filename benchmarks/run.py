@@ -1,0 +1,792 @@
+#!/usr/bin/env python
+"""Side-by-side build benchmarks: DeepSpeed-Chat's algorithm against hfbuilder, in fresh processes.
+
+Every measurement runs in a fresh Python process (``run.py --worker ...``), and the contenders of
+a case take turns (the order rotates each round), so neither side profits from a warm process or
+from running last. Each worker imports torch and transformers, loads the tokenizer, imports the
+model's modeling module and (on a GPU) initializes CUDA *before* its clock starts: the timed region
+is the model build alone, the same for every contender. One-time module imports are outside the
+clock on both sides: transformers and the modeling module for every contender, ``hfbuilder`` and
+its built-in plugin modules for hfbuilder's; case ``import`` measures those (``hfbuilder+plugins``).
+What hfbuilder does on every build (scanning entry points, making the plugin manager, ordering the
+stages, the report's per-stage measurements) is inside.
+
+Cases (``--set cpu`` is what ``make bench`` runs; ``--set gpu`` is the H100 run):
+
+=========  =====  ===========  ==============================================================
+case       set    shape        contenders and goal
+=========  =====  ===========  ==============================================================
+sft        cpu    OPT-350m     dschat, hfbuilder: hfbuilder / dschat <= 1.05; and, for information,
+                               hfbuilder-unchecked (``invariants="off"``: no post-build checks)
+import     cpu    -            ``python -c "import X"`` for transformers, hfbuilder: <= 1.2,
+                               and ``import hfbuilder`` imports no torch/transformers/deepspeed;
+                               hfbuilder+plugins (the package and every built-in plugin module)
+                               for information
+device     gpu    OPT-1.3B     dschat (+ ``.cuda()``), hfbuilder (``.on_device``), safetensors
+                               (``load_file(device=...)``): dschat / hfbuilder >= 3,
+                               hfbuilder / safetensors <= 1.3; and, for information, dschat-fp32
+                               (the baseline as transformers 4 ran it: float32 by default)
+critic     gpu    OPT-1.3B     dschat (full init + ``torch.load`` + ``load_state_dict``),
+                               hfbuilder (``with_checkpoint`` of the same ``.bin``),
+                               hfbuilder-st (same weights as ``model.safetensors``):
+                               dschat / hfbuilder >= 30
+=========  =====  ===========  ==============================================================
+
+The baseline ("dschat") is DeepSpeed-Chat's algorithm written here with plain transformers calls:
+``AutoConfig.from_pretrained``; set the dropout keys; ``from_pretrained`` (or ``from_config`` with
+full initialization for ``rlhf_training``); end and pad ids; ``resize_token_embeddings`` to a
+multiple of 8; then ``.to(device)`` (``.cuda()``). Its critic wraps the base in a value head and
+loads ``pytorch_model.bin`` with ``torch.load`` and a non-strict ``load_state_dict``.
+
+The script makes its own random checkpoints (fp16, 50,265-token tokenizer, OPT's 50,272-row
+vocabulary) under ``--workdir`` and reuses them while their spec is unchanged. It writes
+``results-<set>.json`` and ``results-<set>.md`` under ``--out`` and prints the ratios.
+``--tiny`` runs the same machinery on a tiny OPT in seconds (the test suite's smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULT_TAG = "HFBUILDER_BENCH_RESULT "
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing hfbuilder (the GPU machine)
+    sys.path.insert(1, str(REPO_ROOT))
+
+# -- shapes and checkpoints ------------------------------------------------------------------------
+
+#: OPT shapes (as published for facebook/opt-350m and facebook/opt-1.3b) and a tiny one for smoke tests.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+                 max_position_embeddings=64, vocab_size=56, n_words=46),
+    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
+                     word_embed_proj_dim=512, do_layer_norm_before=False, max_position_embeddings=2048,
+                     vocab_size=50272, n_words=50261),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
+                     word_embed_proj_dim=2048, max_position_embeddings=2048, vocab_size=50272, n_words=50261),
+}
+CHECKPOINT_VERSION = 1  # bump when the files' layout changes, so cached checkpoints are remade
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """The directories one shape's contenders read."""
+
+    root: Path
+
+    @property
+    def sft(self) -> Path:  # a causal LM saved by save_pretrained: model.safetensors
+        return self.root / "sft"
+
+    @property
+    def critic_bin(self) -> Path:  # DeepSpeed-Chat step 2's output: config, tokenizer, pytorch_model.bin
+        return self.root / "critic-bin"
+
+    @property
+    def critic_st(self) -> Path:  # the same reward-model weights as model.safetensors
+        return self.root / "critic-st"
+
+
+def checkpoint_spec(shape: str) -> dict[str, Any]:
+    return {"version": CHECKPOINT_VERSION, "shape": shape, **SHAPES[shape], "dtype": "float16", "seed": 0}
+
+
+def opt_config(shape: str) -> Any:
+    from transformers import OPTConfig
+
+    from hfbuilder.testing import BOS_ID, EOS_ID, PAD_ID
+
+    spec = {k: v for k, v in SHAPES[shape].items() if k != "n_words"}
+    return OPTConfig(**spec, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, dtype="float16")
+
+
+def make_checkpoints(shape: str, workdir: Path, fill_device: str | None = None) -> Checkpoints:
+    """Write random fp16 checkpoints of ``shape`` under ``workdir/shape`` (kept while the spec holds).
+
+    The weights are drawn on ``fill_device`` (a GPU draws 1.3B numbers in well under a second) and
+    saved from the CPU. No weight is initialized twice: the model is built on the meta device.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from hfbuilder.testing import make_tokenizer
+
+    ck = Checkpoints(workdir / shape)
+    marker = ck.root / "spec.json"
+    spec = checkpoint_spec(shape)
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return ck
+    ck.root.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    if fill_device is None:
+        fill_device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = opt_config(shape)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model = model.to_empty(device=fill_device)
+    gen = torch.Generator(device=fill_device).manual_seed(spec["seed"])
+    with torch.no_grad():
+        for p in model.parameters():  # OPT has no buffers that to_empty could leave as garbage
+            p.normal_(0.0, 0.02, generator=gen)
+    model.tie_weights()
+    model = model.to("cpu")
+    tokenizer = make_tokenizer(spec["n_words"])
+    model.save_pretrained(ck.sft)
+    tokenizer.save_pretrained(ck.sft)
+
+    # DeepSpeed-Chat's RewardModel keys: the base model under rwtransformer., and v_head.weight.
+    state = {f"rwtransformer.{k}": v for k, v in model.model.state_dict().items()}
+    head_dim = config.word_embed_proj_dim or config.hidden_size
+    state["v_head.weight"] = (torch.randn(1, head_dim, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.float16)
+    for d in (ck.critic_bin, ck.critic_st):
+        d.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+    torch.save(state, ck.critic_bin / "pytorch_model.bin")
+    save_file({k: v.contiguous() for k, v in state.items()}, ck.critic_st / "model.safetensors", metadata={"format": "pt"})
+    marker.write_text(json.dumps(spec))
+    return ck
+
+
+# -- the contenders (run inside a worker; the timed region is the call) ---------------------------
+
+DSCHAT_DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout")
+DROPOUT = 0.0
+NUM_PADDING_AT_BEGINNING = 1  # OPT's convention in DeepSpeed-Chat
+
+
+def dschat_model(model_class: Any, path: Path, tokenizer: Any, rlhf_training: bool = False) -> Any:
+    """DeepSpeed-Chat's ``create_hf_model`` algorithm with plain transformers calls (not its code)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    for key in DSCHAT_DROPOUT_KEYS:
+        if hasattr(config, key):
+            setattr(config, key, DROPOUT)
+    if rlhf_training:
+        model = model_class.from_config(config)  # every weight randomly initialized, then overwritten
+    else:
+        model = model_class.from_pretrained(path, config=config)
+    model.config.end_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = model.config.eos_token_id
+    model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
+    return model
+
+
+def value_head_model(base: Any, tokenizer: Any) -> Any:
+    """A stand-in for DeepSpeed-Chat's RewardModel: the attributes and state-dict keys the critic load needs."""
+    from torch import nn
+
+    class ValueHeadModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = base.config
+            width = getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size
+            self.v_head = nn.Linear(width, 1, bias=False)  # default dtype, as DeepSpeed-Chat leaves it
+            self.rwtransformer = base
+            self.PAD_ID = tokenizer.pad_token_id
+            self.num_padding_at_beginning = NUM_PADDING_AT_BEGINNING
+
+    return ValueHeadModel()
+
+
+def c_sft_dschat(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    return dschat_model(AutoModelForCausalLM, ck.sft, tok), None
+
+
+def c_sft_hfbuilder(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from hfbuilder import ModelBuilder
+
+    return ModelBuilder(AutoModelForCausalLM, ck.sft, tok).with_dropout(DROPOUT).build_with_report()
+
+
+def c_sft_hfbuilder_unchecked(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    """The same build without the post-build invariants (``invariants="off"``), for information:
+    the default checks that every weight is finite, which reads every weight once."""
+    from transformers import AutoModelForCausalLM
+
+    from hfbuilder import ModelBuilder
+
+    builder = ModelBuilder(AutoModelForCausalLM, ck.sft, tok).with_dropout(DROPOUT).with_options(invariants="off")
+    return builder.build_with_report()
+
+
+def c_device_dschat(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    model, _ = c_sft_dschat(ck, device, tok)
+    return model.to(device), None  # DeepSpeed-Chat's users call .cuda()
+
+
+def c_device_dschat_fp32(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    """The same, as it ran on transformers 4, whose from_pretrained loaded float32 unless told otherwise.
+
+    DeepSpeed-Chat passes no dtype, so on transformers 4 an fp16 checkpoint became a float32
+    model on the CPU (a full converted copy) before ``.cuda()``. For information only: the goal
+    ratios use the transformers 5 baseline above.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ck.sft)
+    for key in DSCHAT_DROPOUT_KEYS:
+        if hasattr(config, key):
+            setattr(config, key, DROPOUT)
+    model = AutoModelForCausalLM.from_pretrained(ck.sft, config=config, dtype=torch.float32)
+    model.config.end_token_id = tok.eos_token_id
+    model.config.pad_token_id = model.config.eos_token_id
+    model.resize_token_embeddings(int(8 * math.ceil(len(tok) / 8.0)))
+    return model.to(device), None
+
+
+def c_device_hfbuilder(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from hfbuilder import ModelBuilder
+
+    builder = ModelBuilder(AutoModelForCausalLM, ck.sft, tok).with_dropout(DROPOUT)
+    return builder.with_dtype("float16").on_device(device).build_with_report()
+
+
+def c_device_safetensors(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(ck.sft / "model.safetensors", device=device), None
+
+
+def c_critic_dschat(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModel
+
+    critic = value_head_model(dschat_model(AutoModel, ck.critic_bin, tok, rlhf_training=True), tok)
+    state = torch.load(ck.critic_bin / "pytorch_model.bin", map_location="cpu")
+    critic.load_state_dict(state, strict=False)  # DeepSpeed-Chat ignores missing and unexpected keys
+    return critic.to(device), None
+
+
+def _critic_hfbuilder(path: Path, device: str, tok: Any) -> tuple[Any, Any]:
+    from transformers import AutoModel
+
+    from hfbuilder import ModelBuilder
+
+    builder = (
+        ModelBuilder(AutoModel, path, tok)
+        .with_dropout(DROPOUT)
+        .with_head("reward", num_padding_at_beginning=NUM_PADDING_AT_BEGINNING)
+        .with_checkpoint()
+    )
+    return builder.with_dtype("float16").on_device(device).build_with_report()
+
+
+def c_critic_hfbuilder(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    return _critic_hfbuilder(ck.critic_bin, device, tok)
+
+
+def c_critic_hfbuilder_st(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    return _critic_hfbuilder(ck.critic_st, device, tok)
+
+
+# -- cases --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``num / den`` of median seconds, with the goal it must meet (``op`` "<=" or ">=", or "" for none)."""
+
+    num: str
+    den: str
+    op: str = ""
+    goal: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.num} / {self.den}"
+
+    @property
+    def goal_text(self) -> str:
+        return f"{self.op} {self.goal:g}" if self.op else "(for information)"
+
+    def met(self, value: float) -> bool | None:
+        if not self.op:
+            return None
+        return value <= self.goal if self.op == "<=" else value >= self.goal
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    fn: Any  # the build, or for case import the module name
+    #: what the worker reads, for the correctness check after the clock stops
+    reads: str = "sft"
+    warmup: bool = True  # slow baselines skip the untimed warm-up round
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    title: str
+    shape: str
+    contenders: tuple[Contender, ...]
+    ratios: tuple[Ratio, ...]
+    reps: int
+    gpu: bool = False  # runs on options.device; on the CPU set it is forced to "cpu"
+    needs_head: str | None = None
+
+    def contender(self, name: str) -> Contender:
+        return next(c for c in self.contenders if c.name == name)
+
+
+#: Everything a first build imports of hfbuilder: the package and every built-in plugin module.
+PLUGINS_IMPORT = ("import hfbuilder, importlib\nfrom hfbuilder.manager import DEFAULT_PLUGINS\n"
+                  "for name in DEFAULT_PLUGINS: importlib.import_module(name)")
+
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in (
+        Case("sft", "SFT build (from_pretrained, token ids, resize) on the CPU", "opt-350m",
+             (Contender("dschat", c_sft_dschat), Contender("hfbuilder", c_sft_hfbuilder),
+              Contender("hfbuilder-unchecked", c_sft_hfbuilder_unchecked)),
+             (Ratio("hfbuilder", "dschat", "<=", 1.05), Ratio("hfbuilder-unchecked", "dschat")), reps=15),
+        Case("import", "python -c 'import X'", "tiny",
+             (Contender("transformers", "import transformers", reads=""),
+              Contender("hfbuilder", "import hfbuilder", reads=""),
+              Contender("hfbuilder+plugins", PLUGINS_IMPORT, reads="")),
+             (Ratio("hfbuilder", "transformers", "<=", 1.2), Ratio("hfbuilder+plugins", "transformers")), reps=15),
+        Case("device", "build straight to the device, fp16", "opt-1.3b",
+             (Contender("dschat", c_device_dschat), Contender("hfbuilder", c_device_hfbuilder),
+              Contender("safetensors", c_device_safetensors), Contender("dschat-fp32", c_device_dschat_fp32)),
+             (Ratio("dschat", "hfbuilder", ">=", 3.0), Ratio("hfbuilder", "safetensors", "<=", 1.3),
+              Ratio("dschat-fp32", "hfbuilder")),
+             reps=5, gpu=True),
+        Case("critic", "critic: deferred weights + reward head + step-2 checkpoint", "opt-1.3b",
+             (Contender("dschat", c_critic_dschat, reads="critic-bin", warmup=False),
+              Contender("hfbuilder", c_critic_hfbuilder, reads="critic-bin"),
+              Contender("hfbuilder-st", c_critic_hfbuilder_st, reads="critic-st")),
+             (Ratio("dschat", "hfbuilder", ">=", 30.0),), reps=3, gpu=True, needs_head="reward"),
+    )
+}
+SETS: dict[str, tuple[str, ...]] = {"cpu": ("sft", "import"), "gpu": ("device", "critic"),
+                                    "all": ("sft", "import", "device", "critic")}
+
+# -- the worker ---------------------------------------------------------------------------------
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    """This process's RSS high-water mark since its exec (``VmHWM``).
+
+    Not ``ru_maxrss``: that also counts the parent's memory the child shared before
+    ``exec``, which would put the runner's own size under every small measurement.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _check(case: Case, contender: Contender, ck: Checkpoints, built: Any, device: str) -> str:
+    """After the clock: prove the contender really put the checkpoint's values on ``device``."""
+    import torch
+    from safetensors import safe_open
+
+    last = SHAPES[case.shape]["num_hidden_layers"] - 1
+    if contender.reads == "sft":
+        file = ck.sft / "model.safetensors"
+        names = [f"model.decoder.layers.{last}.fc2.weight"]
+    else:
+        file = ck.critic_st / "model.safetensors"
+        names = [f"rwtransformer.decoder.layers.{last}.fc2.weight", "v_head.weight"]
+    tensors = built if isinstance(built, dict) else dict(built.named_parameters())
+    with safe_open(file, framework="pt") as fh:
+        for name in names:
+            got, want = tensors[name], fh.get_tensor(name)
+            if got.device.type != torch.device(device).type:
+                raise AssertionError(f"{contender.name}: {name} is on {got.device}, expected {device}")
+            if not torch.equal(got.detach().to("cpu", want.dtype), want):
+                raise AssertionError(f"{contender.name}: {name} differs from the checkpoint")
+    return f"{len(names)} tensors match the checkpoint on {device}"
+
+
+def worker(case_name: str, contender_name: str, workdir: Path, device: str, shape: str | None = None) -> dict[str, Any]:
+    """One measurement, in this (fresh) process. Returns what the parent records.
+
+    The tests call it in their own process, with ``device="cpu"`` and the tiny shape, to run
+    the GPU cases' code on a machine without one.
+    """
+    import gc
+
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    case = CASES[case_name]
+    if shape is not None and shape != case.shape:
+        case = Case(**{**case.__dict__, "shape": shape})
+    contender = case.contender(contender_name)
+    ck = Checkpoints(workdir / case.shape)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import transformers.models.opt.modeling_opt  # noqa: F401  (both sides: the modeling module is imported)
+
+    if contender.name.startswith("hfbuilder"):
+        # One-time module imports stay outside the clock on both sides (the baseline's modeling
+        # module above); case "import" measures them. Plugin discovery, the plugin manager and
+        # the stage order are per build, and timed.
+        import importlib
+
+        from hfbuilder.manager import DEFAULT_PLUGINS
+
+        for name in DEFAULT_PLUGINS:
+            importlib.import_module(name)
+    tok = AutoTokenizer.from_pretrained(ck.sft)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.init()
+        torch.empty(1, device=device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    base_rss = _rss_mib()
+    start = time.perf_counter()
+    built, report = contender.fn(ck, device, tok)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak_rss = _peak_rss_mib()
+    result: dict[str, Any] = {"seconds": seconds, "peak_rss_mib": peak_rss, "base_rss_mib": base_rss}
+    if cuda:
+        # hfbuilder's report resets torch's peak counter at each stage start, so the build's peak
+        # is the largest of its per-stage peaks and the counter's value since the last reset.
+        peaks = [torch.cuda.max_memory_allocated() / 2**20]
+        if report is not None:
+            peaks += [r.peak_cuda_mib for r in report.stages if r.peak_cuda_mib is not None]
+        result["peak_gpu_mib"] = max(peaks)
+        result["gpu_name"] = torch.cuda.get_device_name()
+    if report is not None:
+        result["stages"] = {r.name: round(r.seconds, 4) for r in report.stages}
+    result["check"] = _check(case, contender, ck, built, device)
+    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return result
+
+
+HEAVY_MODULES = ("torch", "transformers", "deepspeed", "accelerate", "safetensors")
+
+
+def import_check(statement: str, timeout: float) -> dict[str, Any]:
+    """In a fresh ``python -c``: the heavy modules ``statement`` pulls in, and its peak RSS."""
+    code = (f"{statement}\nimport sys, json\n"
+            f"hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+            f"print({RESULT_TAG!r} + json.dumps({{'imported': sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), "
+            f"'peak_rss_mib': int(hwm[0].split()[1]) / 1024 if hwm else None}}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    return {"error": f"{statement!r} failed: {proc.stderr.strip()[-500:]}"}
+
+
+# -- the parent ---------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # An installed package runs from .pyc files; without them every worker would compile hfbuilder
+    # (an editable checkout) from source while site-packages (transformers) load compiled code.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return env
+
+
+def run_worker(args: list[str], timeout: float) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=_env(),
+                          timeout=timeout, cwd=REPO_ROOT)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    return {"error": f"worker {args} exited {proc.returncode}: " + " | ".join(tail)}
+
+
+def time_import(statement: str) -> dict[str, Any]:
+    """Wall time of ``python -c statement`` (``"import hfbuilder"``), measured from outside."""
+    env = _env()
+    with open(os.devnull, "wb") as null:
+        start = time.perf_counter()
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", statement], env,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, null.fileno(), 1)])
+        _, status = os.waitpid(pid, 0)
+        seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        return {"error": f"python -c {statement!r} failed"}
+    return {"seconds": seconds}
+
+
+def warm_page_cache(ck: Checkpoints) -> None:
+    """Read every checkpoint file once, so no contender pays for the first read from disk."""
+    for path in sorted(ck.root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
+def head_available(name: str) -> bool:
+    from hfbuilder.manager import Plugins
+
+    return name in Plugins().heads()
+
+
+@dataclass
+class Outcome:
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+def _median(samples: list[dict[str, Any]], key: str) -> float | None:
+    values = [s[key] for s in samples if s.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def run_case(case: Case, args: argparse.Namespace, log: Any) -> Outcome:
+    out = Outcome({c.name: [] for c in case.contenders})
+    if case.needs_head and not head_available(case.needs_head):
+        out.skipped = f"no {case.needs_head!r} head is registered (issue 4 not merged yet)"
+        return out
+    shape = case_shape(case, args)
+    device = args.device if case.gpu else "cpu"
+    reps = args.reps if args.reps is not None else (1 if args.tiny else case.reps)
+    warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1)
+    if case.name == "import":
+        checks = {c.name: import_check(c.fn, args.timeout) for c in case.contenders}
+        out.samples["_checks"] = [checks]
+        # Peak RSS from the check (VmHWM after the import); wall time from a bare `python -c "import X"`.
+        measure = lambda c: {**time_import(c.fn), "peak_rss_mib": checks[c.name].get("peak_rss_mib")}  # noqa: E731
+    else:
+        if shape not in args.made:
+            started = time.perf_counter()
+            made = run_worker(["--make", shape, "--workdir", str(args.workdir)], args.timeout)
+            if "error" in made:
+                raise SystemExit(made["error"])
+            args.made.add(shape)
+            log(f"  checkpoints for {shape} ready in {time.perf_counter() - started:.1f} s ({made['root']})")
+        warm_page_cache(Checkpoints(args.workdir / shape))
+        cmd = lambda c: ["--worker", case.name, c.name, "--workdir", str(args.workdir), "--device", device,  # noqa: E731
+                         "--shape", shape]
+        measure = lambda c: run_worker(cmd(c), args.timeout)  # noqa: E731
+    for _ in range(warmup):
+        for c in case.contenders:
+            if c.warmup:
+                measure(c)
+    for rep in range(reps):
+        k = rep % len(case.contenders)
+        for c in case.contenders[k:] + case.contenders[:k]:
+            if c.name in out.errors:
+                continue
+            result = measure(c)
+            if "error" in result:
+                out.errors[c.name] = result["error"]
+                log(f"  {c.name}: ERROR {result['error']}")
+                continue
+            out.samples[c.name].append(result)
+            gpu = f", peak GPU {result['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in result else ""
+            log(f"  round {rep + 1}/{reps} {c.name:<13} {result['seconds']:8.3f} s, peak RSS "
+                f"{result['peak_rss_mib']:.0f} MiB{gpu}")
+    return out
+
+
+def case_shape(case: Case, args: argparse.Namespace) -> str:
+    return getattr(args, "shape", None) or ("tiny" if args.tiny else case.shape)
+
+
+def summarize(case: Case, outcome: Outcome, args: argparse.Namespace) -> dict[str, Any]:
+    shape = case_shape(case, args)
+    entry: dict[str, Any] = {"title": case.title, "shape": shape, "device": args.device if case.gpu else "cpu",
+                             "contenders": {}, "ratios": []}
+    if outcome.skipped:
+        entry["skipped"] = outcome.skipped
+        return entry
+    if "_checks" in outcome.samples:
+        entry["import_checks"] = outcome.samples["_checks"][0]
+    medians: dict[str, float] = {}
+    for c in case.contenders:
+        samples = outcome.samples.get(c.name, [])
+        info: dict[str, Any] = {"n": len(samples), "samples": samples}
+        if c.name in outcome.errors:
+            info["error"] = outcome.errors[c.name]
+        if samples:
+            secs = [s["seconds"] for s in samples]
+            info.update(median_s=statistics.median(secs), min_s=min(secs), max_s=max(secs),
+                        peak_rss_mib=_median(samples, "peak_rss_mib"), base_rss_mib=_median(samples, "base_rss_mib"),
+                        peak_gpu_mib=_median(samples, "peak_gpu_mib"))
+            medians[c.name] = info["median_s"]
+        entry["contenders"][c.name] = info
+    for r in case.ratios:
+        if r.num in medians and r.den in medians and medians[r.den] > 0:
+            value = medians[r.num] / medians[r.den]
+            row = {"ratio": r.label, "value": value, "goal": r.goal_text, "met": r.met(value)}
+            # The two contenders of one round ran back to back: the median of per-round ratios
+            # is less swayed by a shared machine's load drifting between rounds. Not the verdict.
+            num, den = outcome.samples[r.num], outcome.samples[r.den]
+            if len(num) == len(den) and len(num) > 1:
+                row["paired_median"] = statistics.median([a["seconds"] / b["seconds"] for a, b in zip(num, den, strict=True)])
+            entry["ratios"].append(row)
+        else:
+            entry["ratios"].append({"ratio": r.label, "value": None, "goal": r.goal_text, "met": None})
+    if case.name == "import" and "import_checks" in entry:
+        pulled = entry["import_checks"].get("hfbuilder", {}).get("imported")
+        met = pulled is not None and not {"torch", "transformers", "deepspeed"} & set(pulled)
+        entry["ratios"].append({"ratio": "modules `import hfbuilder` pulls in", "value": pulled,
+                                "goal": "none of torch, transformers, deepspeed", "met": met})
+    return entry
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [f"Run {meta['date']} on {meta['device']}; {meta['reps_note']}.", "",
+             "| case | shape | device | contender | median s | min–max s | peak RSS MiB | peak GPU MiB | n |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, case in results["cases"].items():
+        if "skipped" in case:
+            lines.append(f"| {name} | {case['shape']} | {case['device']} | skipped: {case['skipped']} | | | | | |")
+            continue
+        for cname, c in case["contenders"].items():
+            if c.get("median_s") is None:
+                lines.append(f"| {name} | {case['shape']} | {case['device']} | {cname} | error | | | | 0 |")
+                continue
+            lines.append(f"| {name} | {case['shape']} | {case['device']} | {cname} | {c['median_s']:.3f} | "
+                         f"{c['min_s']:.3f}–{c['max_s']:.3f} | {_fmt(c['peak_rss_mib'], '.0f')} | "
+                         f"{_fmt(c['peak_gpu_mib'], '.0f')} | {c['n']} |")
+    lines += ["", "| case | ratio (of medians) | value | median of per-round ratios | goal | met |",
+              "|---|---|---:|---:|---|---|"]
+    for name, case in results["cases"].items():
+        for r in case.get("ratios", []):
+            v = r["value"]
+            shown = f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else f"`{v}`")
+            met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
+            lines.append(f"| {name} | {r['ratio']} | {shown} | {_fmt(r.get('paired_median'))} | {r['goal']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--set", default="cpu", choices=sorted(SETS), help="which cases to run (default: cpu)")
+    p.add_argument("--cases", help="comma-separated case names, instead of --set")
+    p.add_argument("--tiny", action="store_true", help="tiny shape, 1 round, no warm-up: a smoke test in seconds")
+    p.add_argument("--reps", type=int, help="timed rounds per case (default: the case's own)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first (default 1; 0 with --tiny)")
+    p.add_argument("--device", default=None, help="device of the GPU cases (default cuda; cpu with --tiny)")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hfbuilder-bench",
+                   help="where the random checkpoints are made and kept")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out", help="where results-*.json/.md go")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
+    p.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
+    p.add_argument("--make", metavar="SHAPE", help=argparse.SUPPRESS)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="run every case at this shape instead of its own")
+    args = p.parse_args(argv)
+
+    if args.make:
+        ck = make_checkpoints(args.make, args.workdir)
+        print(RESULT_TAG + json.dumps({"root": str(ck.root)}))
+        return 0
+    if args.worker:
+        result = worker(args.worker[0], args.worker[1], args.workdir, args.device or "cpu", args.shape)
+        print(RESULT_TAG + json.dumps(result))
+        return 0
+
+    if args.device is None:
+        args.device = "cpu" if args.tiny else "cuda"
+    names = tuple(n.strip() for n in args.cases.split(",")) if args.cases else SETS[args.set]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; known: {sorted(CASES)}")
+    label = args.cases.replace(",", "-") if args.cases else args.set
+    label += "-tiny" if args.tiny else ""
+    args.made = set()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    results: dict[str, Any] = {"meta": {}, "cases": {}}
+    started = time.perf_counter()
+    json_path, md_path = args.out / f"results-{label}.json", args.out / f"results-{label}.md"
+    seen: dict[str, Any] = {"device": None, "versions": {}}
+
+    def write() -> None:  # after every case, so a run cut short keeps what it measured
+        ran = [n for n in results["cases"] if "skipped" not in results["cases"][n]]
+        reps_note = ", ".join(
+            f"{n}: {max((c['n'] for c in results['cases'][n]['contenders'].values()), default=0)} rounds" for n in ran)
+        results["meta"] = {
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": seen["device"] or f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+            "host": platform.node(), "python": platform.python_version(), "versions": seen["versions"],
+            "set": label, "reps_note": reps_note or "nothing run", "wall_s": round(time.perf_counter() - started, 1),
+            "warmup_rounds": args.warmup if args.warmup is not None else (0 if args.tiny else 1),
+        }
+        json_path.write_text(json.dumps(results, indent=2))
+        md_path.write_text(markdown(results))
+
+    for name in names:
+        case = CASES[name]
+        log(f"== {name}: {case.title}")
+        outcome = run_case(case, args, log)
+        if outcome.skipped:
+            log(f"  skipped: {outcome.skipped}")
+        results["cases"][name] = summarize(case, outcome, args)
+        for samples in outcome.samples.values():
+            for sample in samples:
+                seen["device"] = seen["device"] or sample.get("gpu_name")
+                seen["versions"] = seen["versions"] or sample.get("versions", {})
+        write()
+    log("")
+    log(markdown(results))
+    log(f"wrote {json_path} and {md_path} in {results['meta']['wall_s']} s")
+    for name, case in results["cases"].items():
+        for r in case.get("ratios", []):
+            if isinstance(r["value"], float):
+                if r["met"] is None:
+                    log(f"{name}: {r['ratio']} = {r['value']:.3f} {r['goal']}")
+                else:
+                    log(f"{name}: {r['ratio']} = {r['value']:.3f} (goal {r['goal']}: {'met' if r['met'] else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
