@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
@@ -58,8 +59,27 @@ def autoload_disabled() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+_scanned: dict[tuple[str, ...], list[metadata.EntryPoint]] = {}
+
+
 def _entry_points() -> list[metadata.EntryPoint]:
-    return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    """The ``hfbuilder`` entry points of the installed distributions, sorted by name.
+
+    Scanning every distribution's metadata costs milliseconds per builder, so the result is
+    kept per ``sys.path``: a plugin directory added to the path is seen by the next builder.
+    (Call ``hfbuilder.manager.forget_entry_points()`` after installing into a directory
+    already on the path in a running process.)
+    """
+    key = tuple(sys.path)
+    if key not in _scanned:
+        _scanned.clear()
+        _scanned[key] = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    return _scanned[key]
+
+
+def forget_entry_points() -> None:
+    """Rescan the installed distributions' entry points at the next builder."""
+    _scanned.clear()
 
 
 class Plugins:

@@ -10,7 +10,8 @@ Invariants (option ``invariants``: ``"error"``, the default, raises
 :class:`~hfbuilder.errors.InvariantWarning`; ``"off"`` skips them):
 
 ``finite``
-    No parameter holds NaN or inf.
+    No parameter the build wrote (initialized, resized, a head, an adapter) holds NaN or inf;
+    with ``check_finite="all"``, no parameter at all, weights read from files included.
 ``materialized``
     No parameter is left on the meta device unless its provenance says ``uninitialized``.
 ``expected``
@@ -28,8 +29,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from .context import (
+    PROVENANCE_CHECKPOINT,
     PROVENANCE_INITIALIZED,
     PROVENANCE_ORIGINS,
+    PROVENANCE_PRETRAINED,
     PROVENANCE_UNINITIALIZED,
     BuildContext,
     Expectation,
@@ -120,6 +123,30 @@ def _finite(t: Any) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+FINITE_SCOPES = ("written", "all")
+
+
+def finite_scope(options: Mapping[str, Any]) -> str:
+    scope = options.get("check_finite", "written")
+    if scope not in FINITE_SCOPES:
+        raise BuilderInputError(f"option check_finite must be one of {list(FINITE_SCOPES)}, got {scope!r}")
+    return scope
+
+
+def _in_scope(scope: str, provenance: str) -> bool:
+    """Whether the ``finite`` invariant reads this parameter.
+
+    ``"written"`` (the default) reads what the build itself wrote: initialized tensors, heads,
+    adapters, resized matrices (a ``+`` modifier). Weights copied untouched from a file are the
+    file's bytes; reading them all would cost a full pass over the checkpoint (a build of a
+    memory-mapped model otherwise never touches most of its pages), so they are read only with
+    ``check_finite="all"``.
+    """
+    if scope == "all" or "+" in provenance:
+        return True
+    return provenance_origin(provenance) not in (PROVENANCE_PRETRAINED, PROVENANCE_CHECKPOINT)
+
+
 def _result(name: str, problems: list[str]) -> InvariantResult:
     details = problems[:MAX_DETAILS]
     if len(problems) > MAX_DETAILS:
@@ -134,8 +161,9 @@ def check_invariants(ctx: BuildContext) -> list[InvariantResult]:
     params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
     prov = ctx.report.provenance
 
+    scope = finite_scope(ctx.options)
     with torch.no_grad():
-        nonfinite = [name for name, p in params if not _finite(_local(p))]
+        nonfinite = [name for name, p in params if _in_scope(scope, prov.get(name, "")) and not _finite(_local(p))]
     finite = _result("finite", [f"{name} holds NaN or inf" for name in nonfinite])
 
     meta = [

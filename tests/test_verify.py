@@ -169,6 +169,28 @@ def test_nan_weights_fail_the_build(model_dir, tokenizer_for):
     assert report.invariants == []
 
 
+class PoisonLoaded(Stage):
+    """NaN in a weight the build copied untouched from the checkpoint."""
+
+    name = "poison_loaded"
+    after = ("resize",)
+
+    def run(self, ctx):
+        with torch.no_grad():
+            ctx.model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+
+
+def test_weights_read_from_files_are_checked_on_request(model_dir, tokenizer_for):
+    path = model_dir("llama")
+    builder = ModelBuilder(AutoModelForCausalLM, path, tokenizer_for(path)).with_stage(PoisonLoaded)
+    _, report = builder.build_with_report()  # by default only what the build wrote is read
+    assert report.invariants[0].name == "finite" and report.invariants[0].passed
+    with pytest.raises(InvariantError, match=r"layers\.0\.mlp\.up_proj\.weight holds NaN"):
+        builder.with_options(check_finite="all").build()
+    with pytest.raises(BuilderInputError, match="check_finite"):
+        builder.with_options(check_finite="some").build()
+
+
 class ClaimPretrained(Stage):
     """A buggy plugin: says a meta tensor was loaded."""
 
@@ -228,6 +250,7 @@ def test_zero3_partitions_are_checked_locally():
     layer.weight.ds_tensor[1] = float("inf")
     ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, model=layer)
     ctx.report.provenance = {"weight": PROVENANCE_PRETRAINED, "bias": PROVENANCE_PRETRAINED}
+    ctx.options["check_finite"] = "all"  # read from a file: checked on request only
     finite = check_invariants(ctx)[0]
     assert not finite.passed and finite.details == ["weight holds NaN or inf"]
 
@@ -239,6 +262,7 @@ def test_an_overflowing_fp16_sum_is_not_reported():
         layer.weight.fill_(10.0)  # sums to 1e6: inf in fp16, yet every element is finite
     ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, model=layer)
     ctx.report.provenance = {"weight": PROVENANCE_PRETRAINED}
+    ctx.options["check_finite"] = "all"
     assert check_invariants(ctx)[0].passed
 
 
