@@ -10,6 +10,7 @@ import importlib
 import inspect
 import os
 import sys
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
@@ -82,11 +83,27 @@ def forget_entry_points() -> None:
     _scanned.clear()
 
 
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager, with a fast path for plugin modules.
+
+    ``register`` asks ``parse_hookimpl_opts`` about every attribute of a plugin, and pluggy
+    answers with ``inspect.getattr_static``: about 0.4 ms per module, 7 ms for the built-ins
+    on every builder. A module attribute is a plain dict entry, so one without the
+    ``@hookimpl`` marker is skipped without asking.
+    """
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        if isinstance(plugin, types.ModuleType):
+            if not hasattr(vars(plugin).get(name), f"{self.project_name}_impl"):
+                return None
+        return super().parse_hookimpl_opts(plugin, name)
+
+
 class Plugins:
     """A typed facade over one pluggy ``PluginManager``."""
 
     def __init__(self, extra: Iterable[Any] = (), autoload: bool | None = None) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm = _PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         for modname in DEFAULT_PLUGINS:
