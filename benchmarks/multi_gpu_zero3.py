@@ -455,8 +455,11 @@ def summarize(runs: dict[str, list[dict]], world_size: int, steps: int) -> dict[
         summary[contender]["gpu_train_peak_mib"] = [
             _max([r.get("gpu_train_peak_mib") for r in ranks if r["rank"] == k]) for k in range(world_size)
         ]
-        summary[contender]["rss_peak_mib"] = [
-            _max([r.get("rss_peak_mib") for r in ranks if r["rank"] == k]) for k in range(world_size)
+        for key in ("rss_peak_mib", "rss_train_peak_mib"):
+            summary[contender][key] = [_max([r.get(key) for r in ranks if r["rank"] == k]) for k in range(world_size)]
+        summary[contender]["rss_build_peak_mib"] = [
+            _max([e.get("rss_build_peak_mib") for r in ranks if r["rank"] == k for e in r["models"].values()])
+            for k in range(world_size)
         ]
     return summary
 
@@ -521,8 +524,8 @@ def tables(summary: dict[str, Any], world_size: int) -> str:
                 f"| {_ratio(_max(h['rss_peak_above_start_mib']), _max(d['rss_peak_above_start_mib']))} "
                 f"| {_ratio(h['step_seconds'], d['step_seconds'])} | | | | |"
             )
-    lines += ["", "| contender | rank | GPU peak MiB: actor build | critic build | training | host peak RSS MiB |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| contender | rank | GPU peak MiB: actor build | critic build | training "
+              "| host peak RSS MiB: builds | training | whole run |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for contender in CONTENDERS:
         if contender not in summary:
             continue
@@ -530,8 +533,13 @@ def tables(summary: dict[str, Any], world_size: int) -> str:
         for k in range(world_size):
             lines.append(
                 f"| {LABELS[contender]} | {k} | {_fmt(s['actor']['gpu_peak_mib'][k])} | {_fmt(s['critic']['gpu_peak_mib'][k])} "
-                f"| {_fmt(s['gpu_train_peak_mib'][k])} | {_fmt(s['rss_peak_mib'][k])} |"
+                f"| {_fmt(s['gpu_train_peak_mib'][k])} | {_fmt(s['rss_build_peak_mib'][k])} "
+                f"| {_fmt(s['rss_train_peak_mib'][k])} | {_fmt(s['rss_peak_mib'][k])} |"
             )
+    trained = {c: [m for m in MODELS if summary[c][m]["losses_finite"]] for c in summary}
+    if len({tuple(v) for v in trained.values()}) > 1:
+        lines += ["", "Training figures are not like for like: " + "; ".join(
+            f"{LABELS[c]} trained {' and '.join(v) or 'nothing'}" for c, v in trained.items()) + "."]  # fmt: skip
     return "\n".join(lines)
 
 
