@@ -175,20 +175,21 @@ class Launch:
 
 def launch_ranks(
     cmd: list[str], world_size: int, device: str = "cpu", threads: int | None = None,
-    timeout: float = 600, grace: float = 30, log_dir: str | None = None,
+    timeout: float = 600, grace: float = 30, log_dir: str | None = None, name: str = "",
 ) -> Launch:  # fmt: skip
     """Run ``cmd`` as ``world_size`` ranks on this host and wait for all of them.
 
     When a rank exits with an error the others get ``grace`` seconds, then are killed: they
-    would wait forever in a collective. Logs go to files (``log_dir`` or a temporary
-    directory), not pipes, so a chatty rank never blocks on a full pipe.
+    would wait forever in a collective. Logs go to files, ``NAME-rank<r>.log`` in ``log_dir``
+    or a temporary directory (the port when there is no name), not pipes, so a chatty rank
+    never blocks on a full pipe.
     """
     import tempfile
 
     port = free_port()
     log_dir = log_dir or tempfile.mkdtemp(prefix="ranks-")
     os.makedirs(log_dir, exist_ok=True)
-    paths = [os.path.join(log_dir, f"rank{r}-{port}.log") for r in range(world_size)]
+    paths = [os.path.join(log_dir, f"{name or port}-rank{r}.log") for r in range(world_size)]
     procs = []
     start = time.monotonic()
     for rank, path in enumerate(paths):
@@ -196,9 +197,9 @@ def launch_ranks(
             env = rank_env(rank, world_size, port, device, threads)
             procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT))
     failed_at = None
-    while any(p.poll() is None for p in procs):
+    while None in (codes := [p.poll() for p in procs]):  # poll every rank: any() would stop at the first
         now = time.monotonic()
-        if failed_at is None and any(p.returncode for p in procs if p.returncode is not None):
+        if failed_at is None and any(codes):
             failed_at = now
         if now - start > timeout or (failed_at is not None and now - failed_at > grace):
             break

@@ -624,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", contender, "--actor", actor, "--critic", critic,
                    "--rank-out", prefix, "--device", args.device, "--shape", args.shape, "--steps", str(args.steps),
                    "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr)]  # fmt: skip
-            launch = launch_ranks(cmd, args.world_size, args.device, args.threads, args.timeout, log_dir=logs)
+            launch = launch_ranks(cmd, args.world_size, args.device, args.threads, args.timeout, log_dir=logs,
+                                  name=f"{contender}-{i}")
             ranks = []
             for k in range(args.world_size):
                 try:
