@@ -41,6 +41,7 @@ an fp32, unpartitioned ``v_head`` beside bf16 partitions).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import hashlib
 import json
@@ -320,7 +321,7 @@ def run_rank(args: argparse.Namespace) -> None:
         entry["rss_start_mib"], entry["gpu_start_mib"] = current_rss_mib(), r.gpu_mib(peak=False)
         start = time.perf_counter()
         try:
-            models[name] = BUILDERS[args.worker][name](paths[name], tok, cfg)
+            models[name] = BUILDERS[args.worker][name](paths[name], tok, copy.deepcopy(cfg))
         except Exception as exc:
             entry["errors"]["build"] = _error(exc)
         entry["own_seconds"] = time.perf_counter() - start
@@ -346,7 +347,7 @@ def run_rank(args: argparse.Namespace) -> None:
         try:
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-            engines[name], *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+            engines[name], *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(cfg))
         except Exception as exc:
             entry["errors"]["initialize"] = _error(exc)
         r.save(f"initialized {name}")
