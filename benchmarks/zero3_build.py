@@ -14,7 +14,7 @@ DeepSpeed-Chat's algorithm (``dschat/utils/model/model_utils.py::create_hf_model
 spelled out with plain transformers calls: ``AutoConfig``, ``HfDeepSpeedConfig``,
 ``from_pretrained`` under it, the end/pad ids, ``resize_token_embeddings`` to a multiple of 8.
 
-    python benchmarks/zero3_build.py [--repeat 3] [--workdir DIR]
+    python benchmarks/zero3_build.py [--repeat 3] [--workdir DIR] [--shape opt-350m|opt-1.3b|tiny]
 
 Goal (issue 5): on the worst rank, at most 0.6x DeepSpeed-Chat's peak RSS, in at most 0.5x its time.
 This is a benchmark, not a test: it prints the figures and the ratios and asserts nothing.
@@ -25,70 +25,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
-OPT_350M = dict(
-    vocab_size=50265, hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
-    word_embed_proj_dim=512, max_position_embeddings=2048, do_layer_norm_before=False,
-    pad_token_id=0, bos_token_id=2, eos_token_id=3,
-)
+from _common import SHAPES, current_rss_mib, dschat_create_hf_model, launch_ranks, make_checkpoint, peak_rss_mib
+
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
     "zero_optimization": {"stage": 3},
     "bf16": {"enabled": True},
 }
 CONTENDERS = ("dschat", "hfbuilder")
-MIB = 1024 * 1024
-
-
-def current_rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def make_checkpoint(path: str) -> str:
-    """Random fp16 weights in OPT-350m's shape, and a 50,265-token tokenizer; made once."""
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
-    import torch
-    from transformers import OPTConfig, OPTForCausalLM
-
-    from hfbuilder.testing import make_tokenizer
-
-    os.makedirs(path, exist_ok=True)
-    print(f"writing an OPT-350m-shaped fp16 checkpoint to {path} (once)", flush=True)
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(**OPT_350M, dtype="float16")).half()
-    model.save_pretrained(path)
-    make_tokenizer(OPT_350M["vocab_size"] - 4, path)
-    return path
 
 
 # -- one rank ------------------------------------------------------------------------------
 
 
 def build_dschat(path: str, tokenizer) -> object:
-    import math
+    from transformers import AutoModelForCausalLM
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    model_config = AutoConfig.from_pretrained(path)
-    dschf = HfDeepSpeedConfig(DS_CONFIG)  # noqa: F841  (DeepSpeed-Chat keeps it alive in a local)
-    model = AutoModelForCausalLM.from_pretrained(path, config=model_config)
-    model.config.end_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = model.config.eos_token_id
-    model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
-    return model
+    return dschat_create_hf_model(AutoModelForCausalLM, path, tokenizer, DS_CONFIG)
 
 
 def build_hfbuilder(path: str, tokenizer) -> object:
@@ -128,64 +85,51 @@ def worker(contender: str, path: str, out: str) -> None:
         "dtypes": sorted({str(p.dtype) for p in params}),
         "vocab": int(getattr(model.get_input_embeddings().weight, "ds_shape", model.get_input_embeddings().weight.shape)[0]),
     }
-    with open(out, "w") as fh:
+    with open(f"{out}-{result['rank']}.json", "w") as fh:
         json.dump(result, fh)
 
 
 # -- the driver ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(contender: str, path: str, world_size: int, tmp: str, threads: int | None, timeout: float = 600) -> list[dict]:
-    port = free_port()
-    procs, outs = [], []
-    for rank in range(world_size):
-        out = os.path.join(tmp, f"{contender}-{rank}-{port}.json")
-        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), TOKENIZERS_PARALLELISM="false")
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        cmd = [sys.executable, __file__, "--worker", contender, "--checkpoint", path, "--out", out]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outs.append(out)
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise SystemExit(f"{contender}: timed out after {timeout} s") from None
-    if any(p.returncode for p in procs):
-        for rank, log in enumerate(logs):
-            print(f"--- {contender} rank {rank} ---\n{log[-4000:]}", file=sys.stderr)
-        raise SystemExit(f"{contender} failed")
-    return [json.load(open(o)) for o in outs]
+    outs = [os.path.join(tmp, f"{contender}-{rank}.json") for rank in range(world_size)]
+    cmd = [sys.executable, __file__, "--worker", contender, "--checkpoint", path, "--out", os.path.join(tmp, contender)]
+    run = launch_ranks(cmd, world_size, threads=threads, timeout=timeout, log_dir=tmp)
+    if not run.ok:
+        for rank, log in enumerate(run.logs):
+            print(f"--- {contender} rank {rank} (exit {run.returncodes[rank]}) ---\n{log[-4000:]}", file=sys.stderr)
+        raise SystemExit(f"{contender} failed" + (" or timed out" if run.killed else ""))
+    results = []
+    for out in outs:
+        with open(out) as fh:
+            results.append(json.load(fh))
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3, help="launches per contender, interleaved (default 3)")
     ap.add_argument("--world-size", type=int, default=2)
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "hfbuilder-bench-opt350m-fp16"))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="opt-350m",
+                    help="the OPT shape of the random checkpoint (default opt-350m; tiny for a smoke run)")
+    ap.add_argument("--workdir", help="where the checkpoint is written once (default: a temp dir per shape)")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
                     help="OMP_NUM_THREADS for every rank of both contenders, as torchrun and `deepspeed "
                     "--bind_cores_to_rank` set it (default: cores / 2); 0 leaves it unset")
     ap.add_argument("--json", help="also write every measurement to this file")
     ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)  # the worker writes OUT-<rank>.json
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.checkpoint, args.out)
         return
 
-    path = make_checkpoint(args.workdir)
+    workdir = args.workdir or os.path.join(
+        tempfile.gettempdir(), "hfbuilder-bench-opt350m-fp16" if args.shape == "opt-350m" else f"hfbuilder-bench-{args.shape}"
+    )
+    path = make_checkpoint(workdir, args.shape)
     runs: dict[str, list[list[dict]]] = {c: [] for c in CONTENDERS}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
