@@ -108,7 +108,15 @@ class LoadStage(Stage):
         )
 
     def _architecture(self, ctx: BuildContext, config: Any, kwargs: dict[str, Any]) -> Any:
-        if ctx.zero3:
+        if ctx.zero3 and ctx.options.get("checkpoint") and ctx.options.get("checkpoint_strict", True):
+            from ..zero3 import build_partitioned
+
+            # A strict checkpoint fills every weight or fails the build: partition without
+            # transformers' ZeRO-3 init (gather, init on rank 0, broadcast) it would overwrite.
+            model = build_partitioned(ctx.model_class, config, kwargs.get("dtype"))
+            ctx.state["zero3_values_undefined"] = True
+            ctx.note(f"{type(model).__name__} built partitioned with no weight init; the strict checkpoint fills it")
+        elif ctx.zero3:
             # transformers' from_config builds under deepspeed.zero.Init, partitioned.
             model = ctx.model_class.from_config(config, **kwargs)
             ctx.note(f"{type(model).__name__}.from_config under zero.Init (weights deferred)")

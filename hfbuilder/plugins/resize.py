@@ -106,8 +106,12 @@ class ResizeStage(Stage):
         if ctx.zero3 and hasattr(weight, "ds_id"):
             from ..zero3 import resize_token_embeddings
 
-            resize_token_embeddings(model, target, ctx.ds_config, mean_resizing=mean_resizing)
+            # Built for a strict checkpoint, the old rows hold no values yet: nothing to average.
+            undefined = bool(ctx.state.get("zero3_values_undefined"))
+            resize_token_embeddings(model, target, ctx.ds_config, mean_resizing=mean_resizing and not undefined)
             how = "partitioned; new rows drawn on rank 0 and broadcast"
+            if undefined:
+                how += "; not mean-resized: the old rows come from the checkpoint after this stage"
         else:
             model.resize_token_embeddings(target, mean_resizing=mean_resizing and not deferred)
             how = "transformers"
