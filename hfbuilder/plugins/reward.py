@@ -73,9 +73,11 @@ class RewardHead(Head):
 
     def describe(self, ctx: BuildContext, **options: Any) -> list[str]:
         opts = {**REWARD_OPTIONS, **options}
+        skip = opts["num_padding_at_beginning"]
+        which = "first pad token" if skip == 0 else f"pad token after the first {skip} (which lead the sequence)"
         lines = [
             f"wrap in RewardModel: v_head Linear(hidden, 1) scoring the token before the "
-            f"{opts['num_padding_at_beginning'] + 1}-th pad token (pad id {ctx.tokenizer.pad_token_id})",
+            f"{which} (pad id {ctx.tokenizer.pad_token_id})",
             f"pairwise loss in {'fp32' if opts['compute_fp32_loss'] else 'the model dtype'}",
         ]
         if ctx.model is not None:  # the architecture on the meta device: count what the head adds and drops
