@@ -61,6 +61,7 @@ from _common import (
     SHAPES,
     current_rss_mib,
     dschat_create_hf_model,
+    end_rank,
     launch_ranks,
     make_checkpoint,
     peak_rss_mib,
@@ -599,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         run_rank(args)
-        return 0
+        end_rank()
     if args.device == "cuda" and not args.prepare:
         import torch
 

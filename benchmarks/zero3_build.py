@@ -29,7 +29,15 @@ import sys
 import tempfile
 import time
 
-from _common import SHAPES, current_rss_mib, dschat_create_hf_model, launch_ranks, make_checkpoint, peak_rss_mib
+from _common import (
+    SHAPES,
+    current_rss_mib,
+    dschat_create_hf_model,
+    end_rank,
+    launch_ranks,
+    make_checkpoint,
+    peak_rss_mib,
+)
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
@@ -124,6 +132,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.checkpoint, args.out)
+        end_rank()
         return
 
     workdir = args.workdir or os.path.join(

@@ -367,6 +367,24 @@ CHECKS = {
 }
 
 
+def end_rank() -> None:
+    """Leave a rank process without the interpreter's teardown.
+
+    Its results are written; what is left is DeepSpeed's CPU shared-memory communication op,
+    whose threads can abort the C++ static destructors at exit ("terminate called without an
+    active exception", exit -6) after every check passed. Close the process group in step on
+    every rank, flush, and exit.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
     spec_path, out_dir = sys.argv[1], sys.argv[2]
     with open(spec_path) as fh:
@@ -382,6 +400,7 @@ def main() -> None:
             results[name] = {"ok": False, "error": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{RANK}.json"), "w") as fh:
         json.dump(results, fh)
+    end_rank()
 
 
 if __name__ == "__main__":
