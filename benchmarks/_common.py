@@ -13,7 +13,6 @@ import os
 import resource
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -224,19 +223,3 @@ __all__ = [
 ]  # fmt: skip
 
 
-def end_rank() -> None:
-    """Leave a rank process without the interpreter's teardown.
-
-    Its results are written; what is left is DeepSpeed's CPU shared-memory communication op,
-    whose threads can abort the C++ static destructors at exit ("terminate called without an
-    active exception", exit -6) after every check passed. Close the process group in step on
-    every rank, flush, and exit.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

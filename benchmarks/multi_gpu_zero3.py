@@ -61,12 +61,13 @@ from _common import (
     SHAPES,
     current_rss_mib,
     dschat_create_hf_model,
-    end_rank,
     launch_ranks,
     make_checkpoint,
     peak_rss_mib,
     reset_peak_rss,
 )
+
+from hfbuilder.testing import end_rank
 
 CONTENDERS = ("dschat", "hfbuilder")
 LABELS = {"dschat": "DeepSpeed-Chat", "hfbuilder": "hfbuilder"}

@@ -33,11 +33,12 @@ from _common import (
     SHAPES,
     current_rss_mib,
     dschat_create_hf_model,
-    end_rank,
     launch_ranks,
     make_checkpoint,
     peak_rss_mib,
 )
+
+from hfbuilder.testing import end_rank
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,

@@ -24,6 +24,7 @@ from zero3_harness import HeadPlugin
 
 import hfbuilder
 from hfbuilder import ModelBuilder
+from hfbuilder.testing import end_rank
 from hfbuilder.zero3 import SafetensorsReader, load_checkpoint_into_partitions
 
 RANK = int(os.environ["RANK"])
@@ -365,24 +366,6 @@ CHECKS = {
     "critic": check_critic,
     "train_reward": check_train_reward,
 }
-
-
-def end_rank() -> None:
-    """Leave a rank process without the interpreter's teardown.
-
-    Its results are written; what is left is DeepSpeed's CPU shared-memory communication op,
-    whose threads can abort the C++ static destructors at exit ("terminate called without an
-    active exception", exit -6) after every check passed. Close the process group in step on
-    every rank, flush, and exit.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def main() -> None:
