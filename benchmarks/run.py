@@ -65,6 +65,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_TAG = "HFBUILDER_BENCH_RESULT "
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing hfbuilder (the GPU machine)
     sys.path.insert(1, str(REPO_ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when loaded by file path
+    sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+from _common import current_rss_mib, peak_rss_mib  # noqa: E402
 
 # -- shapes and checkpoints ------------------------------------------------------------------------
 
@@ -388,30 +392,6 @@ SETS: dict[str, tuple[str, ...]] = {"cpu": ("sft", "import"), "gpu": ("device", 
 # -- the worker ---------------------------------------------------------------------------------
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    """This process's RSS high-water mark since its exec (``VmHWM``).
-
-    Not ``ru_maxrss``: that also counts the parent's memory the child shared before
-    ``exec``, which would put the runner's own size under every small measurement.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
 def _check(case: Case, contender: Contender, ck: Checkpoints, built: Any, device: str) -> str:
     """After the clock: prove the contender really put the checkpoint's values on ``device``."""
     import torch
@@ -474,13 +454,13 @@ def worker(case_name: str, contender_name: str, workdir: Path, device: str, shap
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     gc.collect()
-    base_rss = _rss_mib()
+    base_rss = current_rss_mib()
     start = time.perf_counter()
     built, report = contender.fn(ck, device, tok)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak_rss = _peak_rss_mib()
+    peak_rss = peak_rss_mib()
     result: dict[str, Any] = {"seconds": seconds, "peak_rss_mib": peak_rss, "base_rss_mib": base_rss}
     if cuda:
         # hfbuilder's report resets torch's peak counter at each stage start, so the build's peak
