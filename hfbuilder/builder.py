@@ -324,6 +324,10 @@ class ModelBuilder:
                     entry.name, entry.provider, record.actions + [str(x) for x in lines], record.facts,
                     ctx.report.warnings[seen:], str(error) if error is not None else None,
                 ))
+                if stopped is None:
+                    after = _after_stage(plugins, entry, ctx)
+                    if after is not None:
+                        stages.append(StageExplanation(after.name, after.provider, after.actions, after.facts, [], None))
         finally:
             ctx.current_stage = None
             ctx.close()
@@ -362,6 +366,7 @@ class ModelBuilder:
                 before = parameter_ids(ctx.model)
                 _guard(entry, "run", plugins.run_stage, entry.stage, ctx)
                 carry_provenance(ctx, before)
+                _after_stage(plugins, entry, ctx)
             ctx.current_stage = None
             if ctx.model is not None:
                 finish_build(ctx)
@@ -372,6 +377,24 @@ class ModelBuilder:
         if ctx.model is None:
             raise HFBuilderError(f"the build finished without a model: no stage set ctx.model (plan: {ctx.report.plan})")
         return ctx.model, ctx.report
+
+
+def _after_stage(plugins: Plugins, entry: Entry, ctx: BuildContext) -> StageRecord | None:
+    """Run the ``hfbuilder_after_stage`` implementations as a report row of their own, if any acted."""
+    name = f"after:{entry.name}"
+    record = StageRecord(name, "")
+    ctx.report.stages.append(record)
+    ctx.current_stage = name
+    start = time.perf_counter()
+    done = plugins.after_stage(entry.stage, ctx)
+    record.seconds = time.perf_counter() - start
+    ctx.current_stage = entry.name
+    if not done:
+        ctx.report.stages.remove(record)
+        return None
+    record.provider = ", ".join(plugin for plugin, _ in done)
+    record.actions.extend(line for _, lines in done for line in lines)
+    return record
 
 
 def _guard(entry: Entry, what: str, fn: Any, *args: Any) -> Any:

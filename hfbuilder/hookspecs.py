@@ -50,11 +50,34 @@ def hfbuilder_dropout_keys() -> list[str]:
     """
 
 
+@hookspec(historic=True)
+def hfbuilder_addhooks(pluginmanager: Any) -> None:
+    """Add hook specifications of your own with ``pluginmanager.add_hookspecs(module_or_class)``.
+
+    A plugin that invents an extension point owns its hookspec (pytest's ``pytest_addhooks``);
+    this contract lists only what every build uses. Historic: plugins registered later are
+    called too.
+    """
+
+
+@hookspec
+def hfbuilder_after_stage(stage: Stage, ctx: BuildContext) -> list[str] | None:
+    """Repair or complete the model after ``stage`` ran; return one line per thing done, or None.
+
+    Called after every stage's ``run``, and after every stage's ``explain`` with ``ctx.dry_run``
+    True, when it must only describe (return what it would do) and change nothing. What the
+    implementations return becomes a row of its own in the report and in ``explain()``
+    (``after:<stage>``), timed apart from the stage. Use it for work that follows any stage, such
+    as partitioning under ZeRO-3 whatever a stage left unpartitioned.
+    """
+
+
 @hookspec(firstresult=True)
 def hfbuilder_run_stage(stage: Stage, ctx: BuildContext) -> Any:
     """Run one stage. The built-in implementation is ``trylast`` and calls ``stage.run(ctx)``.
 
     Implement it with ``wrapper=True`` to observe every stage (timing, tracing,
-    profiling): ``result = yield`` runs the stage. Implement it plainly and return
-    a non-None value to take over running a stage.
+    profiling): ``result = yield`` runs the stage. Observers must not change the model:
+    use ``hfbuilder_after_stage`` for that. Implement it plainly and return a non-None
+    value to take over running a stage.
     """

@@ -19,7 +19,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import HFBuilderError, PluginError
 from .ordering import Entry
 from .stage import Head, Phase, Stage
 
@@ -105,6 +105,7 @@ class Plugins:
     def __init__(self, extra: Iterable[Any] = (), autoload: bool | None = None) -> None:
         self.pm = _PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        self.pm.hook.hfbuilder_addhooks.call_historic(kwargs={"pluginmanager": self.pm})
         self.info: dict[str, PluginInfo] = {}
         for modname in DEFAULT_PLUGINS:
             self._register(importlib.import_module(modname), modname, "built-in")
@@ -221,6 +222,24 @@ class Plugins:
 
     def run_stage(self, stage: Stage, ctx: Any) -> Any:
         return self.pm.hook.hfbuilder_run_stage(stage=stage, ctx=ctx)
+
+    def after_stage(self, stage: Stage, ctx: Any) -> list[tuple[str, list[str]]]:
+        """Call every ``hfbuilder_after_stage`` implementation; (plugin, lines) for those that acted."""
+        done: list[tuple[str, list[str]]] = []
+        for impl in reversed(self.pm.hook.hfbuilder_after_stage.get_hookimpls()):
+            given = {"stage": stage, "ctx": ctx}
+            try:
+                lines = impl.function(*(given[a] for a in impl.argnames))
+            except HFBuilderError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name} raised in hfbuilder_after_stage after stage {stage.name!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if lines:
+                done.append((impl.plugin_name, [str(line) for line in lines]))
+        return done
 
 
 __all__ = ["DEFAULT_PLUGINS", "DISABLE_AUTOLOAD_ENV", "ENTRY_POINT_GROUP", "PluginInfo", "Plugins"]

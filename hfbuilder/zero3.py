@@ -187,24 +187,14 @@ def wrong_dtype_parameters(model: nn.Module, ds_config: Mapping[str, Any]) -> li
     return [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype]
 
 
-def ensure_partitioned(ctx: BuildContext) -> list[str]:
-    """After a stage: partition what it left unpartitioned, then check the one-dtype rule."""
-    if ctx.model is None or not hasattr(ctx.model, "named_parameters"):
-        return []
-    names = partition_unpartitioned(ctx.model, ctx.ds_config)
-    if names:
-        ctx.note(
-            f"ZeRO-3: partitioned {len(names)} parameter(s) this stage left unpartitioned, "
-            f"in {ds_dtype_name(ctx.ds_config)}, rank 0's values: {_listed(names)}"
-        )
-    wrong = wrong_dtype_parameters(ctx.model, ctx.ds_config)
+def check_one_dtype(model: nn.Module, ds_config: Mapping[str, Any], after: str) -> None:
+    """Raise unless every floating parameter has the config's dtype (``deepspeed.initialize`` asserts it)."""
+    wrong = wrong_dtype_parameters(model, ds_config)
     if wrong:
         raise InvariantError(
-            f"under ZeRO-3 every parameter must be {ds_dtype_name(ctx.ds_config)} (the DeepSpeed config's dtype; "
-            f"deepspeed.initialize asserts otherwise), but after stage {ctx.current_stage!r} these are not: "
-            f"{_listed(wrong)}"
+            f"under ZeRO-3 every parameter must be {ds_dtype_name(ds_config)} (the DeepSpeed config's dtype; "
+            f"deepspeed.initialize asserts otherwise), but after stage {after!r} these are not: {_listed(wrong)}"
         )
-    return names
 
 
 # -- building without wasted work -------------------------------------------------------
@@ -579,6 +569,10 @@ def _listed(names: list[str]) -> str:
     return f"[{shown}{', ...' if len(names) > _MAX_LISTED else ''}] ({len(names)})"
 
 
+#: At most a screenful of names, for messages.
+listed = _listed
+
+
 def _targets(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, Any]]:
     """Every state-dict entry grouped by tensor: aliases (tied weights) share one entry."""
     aliases: dict[int, list[str]] = {}
@@ -861,7 +855,8 @@ __all__ = [
     "check_distributed",
     "ds_dtype_name",
     "ensure_distributed",
-    "ensure_partitioned",
+    "check_one_dtype",
+    "listed",
     "is_partitioned",
     "load_checkpoint_into_partitions",
     "load_pretrained_partitioned",

@@ -5,26 +5,29 @@ process-global weak reference to an ``HfDeepSpeedConfig``. DeepSpeed-Chat create
 one and relies on garbage collection to drop it; hfbuilder holds it for exactly the
 build and restores whatever was there before, also when a stage raises.
 
-This plugin also implements ``hfbuilder_run_stage`` as a wrapper: under ZeRO-3, after
-every stage, whatever parameters the stage left unpartitioned (a head, adapters, anything
-a third-party stage made) are cast to the config's dtype and partitioned from rank 0's
-values, so no stage needs ZeRO-3 code of its own to keep the model consistent.
+This plugin also implements ``hfbuilder_after_stage``: under ZeRO-3, after every stage,
+whatever parameters the stage left unpartitioned (a head, adapters, anything a third-party
+stage made) are cast to the config's dtype and partitioned from rank 0's values, so no stage
+needs ZeRO-3 code of its own to keep the model consistent. It shows in the report as its own
+row, ``after:<stage>``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Generator
-from typing import Any
 
 from ..context import BuildContext
 from ..errors import BuilderInputError
 from ..hookspecs import hookimpl
 from ..stage import Stage
-from ..zero3 import LAUNCHER_VARS, check_distributed, ds_dtype_name, ensure_distributed, ensure_partitioned
-
-#: Kept for callers of the first version; :func:`hfbuilder.zero3.ds_dtype_name` is the same function.
-zero3_dtype = ds_dtype_name
+from ..zero3 import (
+    check_distributed,
+    check_one_dtype,
+    ds_dtype_name,
+    ensure_distributed,
+    listed,
+    partition_unpartitioned,
+)
 
 _ACTIVE = "hf_deepspeed_config"
 
@@ -91,12 +94,25 @@ def hfbuilder_stages() -> list[Stage]:
     return [ZeroStage()]
 
 
-@hookimpl(wrapper=True)
-def hfbuilder_run_stage(stage: Stage, ctx: BuildContext) -> Generator[None, Any, Any]:
-    result = yield
-    if ctx.zero3 and _ACTIVE in ctx.state:
-        ensure_partitioned(ctx)
-    return result
+@hookimpl
+def hfbuilder_after_stage(stage: Stage, ctx: BuildContext) -> list[str] | None:
+    """Under ZeRO-3, partition whatever ``stage`` left unpartitioned, so no stage needs ZeRO-3 code."""
+    if not ctx.zero3 or stage.name == "zero" or ctx.model is None:
+        return None
+    dtype = ds_dtype_name(ctx.ds_config)
+    if ctx.dry_run:
+        added = (ctx.report.stages[-1].facts.get("parameters_added") if ctx.report.stages else None)
+        if not added:
+            return None
+        return [f"ZeRO-3: partition the {added:,} parameters {stage.name!r} adds, in {dtype}, rank 0's values"]
+    if _ACTIVE not in ctx.state or not hasattr(ctx.model, "named_parameters"):
+        return None
+    names = partition_unpartitioned(ctx.model, ctx.ds_config)
+    check_one_dtype(ctx.model, ctx.ds_config, stage.name)
+    if not names:
+        return None
+    return [f"ZeRO-3: partitioned {len(names)} parameter(s) {stage.name!r} left unpartitioned, in {dtype}, "
+            f"rank 0's values: {listed(names)}"]
 
 
-__all__ = ["LAUNCHER_VARS", "ZeroStage", "ensure_distributed", "zero3_dtype"]
+__all__ = ["ZeroStage"]

@@ -1,4 +1,4 @@
-"""Tiny real models and tokenizers, made locally, for tests, the demo and benchmarks.
+"""Tiny real models and tokenizers, made locally.
 
 Nothing here downloads: the tokenizer is a ``tokenizers`` WordLevel model wrapped in
 ``PreTrainedTokenizerFast``, the models are real transformers classes with small
@@ -81,24 +81,4 @@ def make_model(family: str, path: str | os.PathLike[str], *, vocab_size: int = 4
     return path
 
 
-def end_rank() -> None:
-    """Leave a rank process without the interpreter's teardown.
-
-    Its results are written; what is left is DeepSpeed's CPU shared-memory communication op,
-    whose threads can abort the C++ static destructors at exit ("terminate called without an
-    active exception", exit -6) after every check passed. Close the process group in step on
-    every rank, flush, and exit.
-    """
-    import sys
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-__all__ = ["FAMILIES", "end_rank", "make_config", "make_model", "make_tokenizer"]
+__all__ = ["FAMILIES", "make_config", "make_model", "make_tokenizer"]
