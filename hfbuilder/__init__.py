@@ -20,6 +20,7 @@ from .errors import (
 )
 from .explain import Explanation, StageExplanation
 from .hookspecs import hookimpl, hookspec
+from .settings import Settings, setting
 from .stage import Head, Phase, Stage
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "ModelBuilder",
     "Phase",
     "PluginError",
+    "Settings",
     "Stage",
     "StageError",
     "StageExplanation",
@@ -46,4 +48,5 @@ __all__ = [
     "UnknownHeadError",
     "hookimpl",
     "hookspec",
+    "setting",
 ]

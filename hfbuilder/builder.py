@@ -1,29 +1,31 @@
-"""ModelBuilder: a fluent, immutable description of a model build, and the code that runs it."""
+"""ModelBuilder: a fluent, immutable description of a model build.
+
+It holds what to build (model class, path, tokenizer, DeepSpeed config), which plugins and
+stages take part, and each stage's settings. ``build()`` and ``explain()`` hand the resolved plan
+to :mod:`hfbuilder.runner`; every per-stage rule lives in the stage's own ``Settings``.
+"""
 
 from __future__ import annotations
 
 import inspect
-import json
-import math
-import numbers
 import os
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
 
-from .context import BuildContext, BuildReport, StageRecord, zero_stage_of
-from .errors import BuilderInputError, HFBuilderError, StageError, UnknownHeadError
-from .explain import Explanation, StageExplanation, default_world_size, estimate_memory
+from . import runner
+from .context import BuildContext, BuildReport
+from .dsconfig import load_ds_config, zero_stage_of
+from .errors import BuilderInputError, UnknownHeadError
+from .explain import Explanation
 from .manager import Plugins
 from .ordering import Entry, resolve
+from .settings import Catalog, closest_first, default_of, freeze, thaw
 from .stage import Stage
-from .verify import carry_provenance, finish_build, invariant_mode, option_expectations, parameter_ids
+from .verify import VerifySettings, option_expectations
 
-
-def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType(dict(d))
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 def _stage_instance(stage: Any, method: str) -> Stage:
@@ -36,39 +38,11 @@ def _stage_instance(stage: Any, method: str) -> Stage:
     return stage
 
 
-def load_ds_config(ds_config: Any) -> dict[str, Any]:
-    """A DeepSpeed config as a dict: accepts a dict or the path of a JSON file."""
-    if isinstance(ds_config, Mapping):
-        return json.loads(json.dumps(dict(ds_config)))  # deep copy; also proves it is plain data
-    if isinstance(ds_config, (str, os.PathLike)):
-        path = os.fspath(ds_config)
-        if not os.path.isfile(path):
-            raise BuilderInputError(f"DeepSpeed config file {path!r} does not exist")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise BuilderInputError(f"DeepSpeed config file {path!r} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise BuilderInputError(f"DeepSpeed config file {path!r} must hold a JSON object")
-        return data
-    raise BuilderInputError(f"a DeepSpeed config must be a dict or a JSON file path, got {type(ds_config).__name__}")
-
-
-def check_probability(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise BuilderInputError(f"{what} must be a number in [0, 1], got {value!r}")
-    p = float(value)
-    if not math.isfinite(p) or not 0.0 <= p <= 1.0:
-        raise BuilderInputError(f"{what} must be a number in [0, 1], got {value!r}")
-    return p
-
-
 @dataclass(frozen=True)
 class ModelBuilder:
     """Describes how to build a Hugging Face model; ``build()`` makes it.
 
-    Every ``with_*``/``without_*`` method returns a new builder and leaves this one
+    Every ``with_*``/``without_*``/``configure`` method returns a new builder and leaves this one
     unchanged, so one base builder can derive the actor, reference and critic.
     """
 
@@ -76,11 +50,15 @@ class ModelBuilder:
     model_name_or_path: str
     tokenizer: Any
     ds_config: Mapping[str, Any] | None = None
-    options: Mapping[str, Any] = field(default_factory=lambda: _frozen({}))
+    #: stage name -> the fields set for it (checked, normalized); the rest are the stage's defaults.
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _EMPTY)
     plugins: tuple[Any, ...] = ()
     added_stages: tuple[Stage, ...] = ()
     replaced_stages: tuple[Stage, ...] = ()
     removed_stages: tuple[str, ...] = ()
+    # The plugin manager and settings catalog of this builder, made on first use and handed on to
+    # derived builders while their plugins and stages stay the same.
+    _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (hasattr(self.model_class, "from_pretrained") and hasattr(self.model_class, "from_config")):
@@ -93,26 +71,89 @@ class ModelBuilder:
         object.__setattr__(self, "model_name_or_path", os.fspath(self.model_name_or_path))
         if self.tokenizer is None:
             raise BuilderInputError("tokenizer is None; pass the tokenizer the model will be trained with")
-        if not isinstance(self.options, MappingProxyType):
-            object.__setattr__(self, "options", _frozen(self.options))
+        if self.ds_config is not None and not isinstance(self.ds_config, MappingProxyType):
+            object.__setattr__(self, "ds_config", load_ds_config(self.ds_config))
+        if not isinstance(self.settings, MappingProxyType):
+            object.__setattr__(self, "settings", freeze(self.settings))
+
+    def _derive(self, **changes: Any) -> ModelBuilder:
+        """A new builder; the plugin cache goes along unless the plugins or stages change."""
+        keep = not ({"plugins", "added_stages", "replaced_stages"} & set(changes))
+        return replace(self, **changes, _cache=self._cache if keep else {})
 
     # -- settings -------------------------------------------------------------------
 
+    def configure(self, stage: str, **fields: Any) -> ModelBuilder:
+        """Set fields of the settings of the stage called ``stage`` (``configure("resize", multiple=16)``).
+
+        The stage's ``Settings`` checks the values; an unknown stage or field raises
+        :class:`BuilderInputError` listing the valid names, closest first.
+        """
+        catalog = self._catalog()
+        current = dict(self.settings.get(stage, {}))
+        current.update(fields)
+        made = catalog.make(stage, current)
+        normalized = {name: getattr(made, name) for name in current}
+        return self._derive(settings=freeze({**self.settings, stage: normalized}))
+
     def with_options(self, **options: Any) -> ModelBuilder:
-        """Set free-form options that stages (yours included) read from ``ctx.options``."""
-        return replace(self, options=_frozen({**self.options, **options}))
+        """Set settings by flat name: ``dropout``, ``resize_multiple``, ``checkpoint_strict``...
+
+        Each name resolves to the one stage that declares it (a field's ``option`` name, its
+        own name, or ``<stage>_<field>``); a stage's name with a mapping configures that stage.
+        Unknown or ambiguous names raise :class:`BuilderInputError`. See ``hfbuilder settings``.
+        """
+        builder = self
+        for name, value in options.items():
+            stage, fields_ = builder._flat(name, value)
+            builder = builder.configure(stage, **fields_)
+        return builder
+
+    def _flat(self, name: str, value: Any) -> tuple[str, dict[str, Any]]:
+        catalog = self._catalog()
+        if name in catalog.classes and name not in catalog.option_names() and (value is None or isinstance(value, Mapping)):
+            cls = catalog.classes[name]
+            declared = {f.name for f in fields(cls)}
+            if value is None:  # back to the stage's defaults
+                return name, {f.name: default_of(f) for f in fields(cls) if f.name in self.settings.get(name, {})}
+            given = dict(value)
+            if "enabled" in declared and "enabled" not in given:
+                given["enabled"] = True  # lora={...} asks for LoRA
+            return name, given
+        stage, field_name = catalog.resolve_flat(name)
+        return stage, {field_name: value}
 
     def without_options(self, *names: str) -> ModelBuilder:
-        """Drop options, so the stages fall back to their defaults."""
-        return replace(self, options=_frozen({k: v for k, v in self.options.items() if k not in names}))
+        """Put settings named as in :meth:`with_options` back to their stages' defaults."""
+        catalog = self._catalog()
+        settings = {stage: dict(values) for stage, values in self.settings.items()}
+        for name in names:
+            if name in catalog.classes and name not in catalog.option_names():
+                settings.pop(name, None)
+                continue
+            stage, field_name = catalog.resolve_flat(name)
+            settings.get(stage, {}).pop(field_name, None)
+        return self._derive(settings=freeze({k: v for k, v in settings.items() if v}))
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        """Every setting this builder sets, by flat name (read-only): ``{"dropout": 0.0}``."""
+        catalog = self._catalog()
+        return MappingProxyType({
+            catalog.flat_name(stage, name): value
+            for stage, values in self.settings.items()
+            for name, value in values.items()
+        })
 
     def with_dropout(self, p: float) -> ModelBuilder:
         """Set every dropout probability the model's config has to ``p``."""
-        return self.with_options(dropout=check_probability(p, "dropout"))
+        if p is None:
+            raise BuilderInputError("with_dropout(None): pass a probability; without_options('dropout') keeps the config's")
+        return self.configure("dropout", p=p)
 
     def with_deepspeed(self, ds_config: Mapping[str, Any] | str | os.PathLike[str]) -> ModelBuilder:
         """Use this DeepSpeed config; ZeRO-3 integration is on iff ``zero_optimization.stage == 3``."""
-        return replace(self, ds_config=_frozen(load_ds_config(ds_config)))
+        return self._derive(ds_config=load_ds_config(ds_config))
 
     def with_zero3(self, ds_config: Mapping[str, Any] | str | os.PathLike[str]) -> ModelBuilder:
         """Like :meth:`with_deepspeed`, but the config must ask for ZeRO stage 3."""
@@ -121,52 +162,40 @@ class ModelBuilder:
         if stage != 3:
             found = "no zero_optimization.stage" if stage is None else f"zero_optimization.stage == {stage}"
             raise BuilderInputError(f"with_zero3() needs a ZeRO stage 3 DeepSpeed config; found {found}")
-        return replace(self, ds_config=_frozen(cfg))
+        return self._derive(ds_config=cfg)
 
     def deferred_weights(self) -> ModelBuilder:
         """Build the architecture without reading pretrained weights (DeepSpeed-Chat's ``rlhf_training``)."""
-        return self.with_options(deferred=True)
+        return self.configure("load", deferred=True)
 
     def with_dtype(self, dtype: Any) -> ModelBuilder:
         """Load the weights in this dtype (a ``torch.dtype``, its name, or ``"auto"``)."""
-        if not isinstance(dtype, str):
-            dtype = str(dtype).removeprefix("torch.")
-        if dtype not in ("auto", "float32", "float16", "bfloat16", "float64"):
-            raise BuilderInputError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
-        return self.with_options(dtype=dtype)
+        return self.configure("load", dtype=dtype)
 
     def on_device(self, device: Any) -> ModelBuilder:
         """Load the weights straight onto ``device`` (``"cuda"``, ``"cuda:1"``, ``"cpu"``...)."""
-        text = str(device)
-        if not text or text.split(":")[0] not in ("cpu", "cuda", "xpu", "mps", "npu", "hpu", "meta"):
-            raise BuilderInputError(f"unknown device {device!r}")
-        return self.with_options(device=text)
+        return self.configure("load", device=str(device))
 
     def with_head(self, name: str, **options: Any) -> ModelBuilder:
         """Wrap the built model in the head called ``name`` (e.g. ``"reward"``)."""
         if not isinstance(name, str) or not name:
             raise UnknownHeadError(f"with_head() needs a head name, got {name!r}")
-        return self.with_options(head=name, head_options=_frozen(options))
+        return self.configure("head", name=name, options=options)
 
     def with_checkpoint(self, path: str | os.PathLike[str] | None = None, *, strict: bool = True) -> ModelBuilder:
         """Load the whole (wrapped) model's weights from ``path`` strictly; implies deferred weights.
 
-        ``strict=False`` turns missing and unexpected keys into warnings; what is
-        missing is then initialized and named in the report.
+        ``path`` defaults to ``model_name_or_path``. ``strict=False`` turns missing and
+        unexpected keys into warnings; what is missing is then initialized and named in the report.
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise BuilderInputError(f"checkpoint path must be a path, got {path!r}")
-        if not isinstance(strict, bool):
-            raise BuilderInputError(f"with_checkpoint(strict=...) must be True or False, got {strict!r}")
-        return self.with_options(
-            checkpoint=os.fspath(path) if path is not None else self.model_name_or_path,
-            checkpoint_strict=strict,
-            deferred=True,
-        )
+        chosen = os.fspath(path) if path is not None else self.model_name_or_path
+        return self.configure("checkpoint", path=chosen, strict=strict).configure("load", deferred=True)
 
     def with_fp32_loss(self) -> ModelBuilder:
         """Compute the loss in fp32 (DeepSpeed-Chat's ``causal_lm_model_to_fp32_loss``)."""
-        return self.with_options(fp32_loss=True)
+        return self.configure("fp32_loss", enabled=True)
 
     def with_lora(
         self,
@@ -182,31 +211,12 @@ class ModelBuilder:
         is peft's (module-name suffixes, a regex, ``"all-linear"``, or None for peft's
         default for the model type).
         """
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise BuilderInputError(f"LoRA rank r must be a positive int, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-            raise BuilderInputError(f"LoRA alpha must be a positive number, got {alpha!r}")
-        if target_modules is not None and not isinstance(target_modules, str):
-            try:
-                target_modules = list(target_modules)
-            except TypeError:
-                raise BuilderInputError(f"target_modules must be a str or a list of str, got {target_modules!r}") from None
-            if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
-                raise BuilderInputError(f"target_modules must hold module names, got {target_modules!r}")
-        if not isinstance(only_optimize_lora, bool):
-            raise BuilderInputError(f"only_optimize_lora must be True or False, got {only_optimize_lora!r}")
-        lora = {
-            "r": r,
-            "alpha": alpha,
-            "dropout": check_probability(dropout, "LoRA dropout"),
-            "target_modules": tuple(target_modules) if isinstance(target_modules, list) else target_modules,
-            "only_optimize_lora": only_optimize_lora,
-        }
-        return self.with_options(lora=_frozen(lora))
+        return self.configure("lora", enabled=True, r=r, alpha=alpha, dropout=dropout,
+                              target_modules=target_modules, only_optimize_lora=only_optimize_lora)
 
     def frozen(self) -> ModelBuilder:
         """Return the model in eval mode with ``requires_grad=False`` (reference, reward_eval)."""
-        return self.with_options(freeze=True)
+        return self.configure("freeze", enabled=True)
 
     # -- plugins and stages -----------------------------------------------------
 
@@ -214,33 +224,65 @@ class ModelBuilder:
         """Register a pluggy plugin (object or module) for this builder only."""
         if plugin is None:
             raise BuilderInputError("with_plugin(None): pass a plugin object or module")
-        return replace(self, plugins=(*self.plugins, plugin))
+        return self._derive(plugins=(*self.plugins, plugin))
 
     def with_stage(self, stage: Stage | type[Stage]) -> ModelBuilder:
         """Add a stage for this builder only; its ``after``/``before`` place it in the plan."""
-        return replace(self, added_stages=(*self.added_stages, _stage_instance(stage, "with_stage")))
+        return self._derive(added_stages=(*self.added_stages, _stage_instance(stage, "with_stage")))
 
     def replace_stage(self, stage: Stage | type[Stage]) -> ModelBuilder:
         """Put ``stage`` in the place of ``stage.replaces`` (or of the stage called ``stage.name``)."""
-        return replace(self, replaced_stages=(*self.replaced_stages, _stage_instance(stage, "replace_stage")))
+        return self._derive(replaced_stages=(*self.replaced_stages, _stage_instance(stage, "replace_stage")))
 
     def without_stage(self, name: str) -> ModelBuilder:
         """Remove the stage called ``name`` (or the stage that replaced it) from the plan."""
         if not isinstance(name, str) or not name:
             raise BuilderInputError(f"without_stage() needs a stage name, got {name!r}")
-        return replace(self, removed_stages=(*self.removed_stages, name))
+        return self._derive(removed_stages=(*self.removed_stages, name))
 
-    def for_phase(self, name: str, **options: Any) -> ModelBuilder:
-        """Apply the RLHF phase called ``name`` (sft, reward, actor, reference, critic, reward_eval)."""
+    def for_phase(self, name: str, **parameters: Any) -> ModelBuilder:
+        """Apply the RLHF phase called ``name`` (sft, reward, actor, reference, critic, reward_eval).
+
+        A phase is data (:class:`~hfbuilder.Phase`): settings per stage, a head, whether the whole
+        model comes from a checkpoint, and the keywords it takes.
+        """
         phases = self._plugins().phases()
         if name not in phases:
-            raise BuilderInputError(f"unknown phase {name!r}; known phases: {sorted(phases)}")
-        return phases[name][0].apply(self, **options)
+            raise BuilderInputError(f"unknown phase {name!r}. Valid phases, closest first: {closest_first(name, phases)}")
+        phase = phases[name][0]
+        unknown = sorted(set(parameters) - set(phase.accepts()))
+        if unknown:
+            raise BuilderInputError(f"phase {name!r} has no option(s) {unknown}; it takes {phase.accepts()}")
+        builder = self
+        path = parameters.get("model_name_or_path")
+        if path is not None:
+            if not isinstance(path, (str, os.PathLike)):
+                raise BuilderInputError(f"model_name_or_path must be a path, got {path!r}")
+            builder = builder._derive(model_name_or_path=os.fspath(path))
+        for stage, values in phase.settings.items():
+            builder = builder.configure(stage, **values)
+        for key, value in parameters.items():
+            if value is None or key in ("model_name_or_path", "checkpoint") or key in phase.head_options:
+                continue
+            if key == "lora":
+                if not isinstance(value, Mapping):
+                    raise BuilderInputError(f"lora must be a dict of with_lora() arguments, got {value!r}")
+                builder = builder.with_lora(**value)
+            else:
+                builder = builder.with_options(**{key: value})
+        if phase.head is not None:
+            given = {k: parameters[k] for k in phase.head_options if k in parameters}
+            builder = builder.with_head(phase.head, **{**phase.head_options, **given})
+        if phase.checkpoint:
+            builder = builder.with_checkpoint(parameters.get("checkpoint"))
+        return builder
 
     # -- running ------------------------------------------------------------------
 
     def _plugins(self) -> Plugins:
-        return Plugins(self.plugins)
+        if "plugins" not in self._cache:
+            self._cache["plugins"] = Plugins(self.plugins)
+        return self._cache["plugins"]
 
     def _entries(self, plugins: Plugins) -> list[Entry]:
         entries = plugins.stage_entries()
@@ -253,29 +295,42 @@ class ModelBuilder:
             seq += 1
         return entries
 
-    def _context(self, plugins: Plugins, order: list[Entry]) -> BuildContext:
+    def _catalog(self) -> Catalog:
+        if "catalog" not in self._cache:
+            self._cache["catalog"] = settings_catalog(self._entries(self._plugins()))
+        return self._cache["catalog"]
+
+    def _stage_settings(self) -> dict[str, Any]:
+        catalog = self._catalog()
+        for stage in self.settings:
+            catalog.settings_class(stage)  # a stage that left with its plugin is an error, not ignored
+        return {stage: catalog.make(stage, self.settings.get(stage, {})) for stage in catalog.classes}
+
+    def _resolve(self) -> tuple[Plugins, list[Entry], dict[str, Any]]:
+        plugins = self._plugins()
+        settings = self._stage_settings()
+        return plugins, resolve(self._entries(plugins), self.removed_stages, settings.__getitem__), settings
+
+    def _context(self, plugins: Plugins, order: list[Entry], settings: dict[str, Any]) -> BuildContext:
         heads = plugins.heads()
         ctx = BuildContext(
             model_class=self.model_class,
             model_name_or_path=self.model_name_or_path,
             tokenizer=self.tokenizer,
-            ds_config=dict(self.ds_config) if self.ds_config is not None else None,
-            options=dict(self.options),
+            ds_config=thaw(self.ds_config) if self.ds_config is not None else None,
+            stage_settings=settings,
             heads={name: head for name, (head, _) in heads.items()},
             dropout_keys=plugins.dropout_keys(),
             providers={e.name: e.provider for e in order},
         )
         ctx.report.plan = [e.name for e in order]
-        head = ctx.options.get("head")
+        head = settings["head"].name if "head" in settings else None
         if head is not None and head not in ctx.heads:
-            raise UnknownHeadError(f"unknown head {head!r}; known heads: {sorted(ctx.heads) or 'none'}")
-        invariant_mode(ctx.options)
-        ctx.report.expectations.extend(option_expectations(ctx.options))
+            raise UnknownHeadError(
+                f"unknown head {head!r}; known heads, closest first: {closest_first(head, ctx.heads) or 'none'}"
+            )
+        ctx.report.expectations.extend(option_expectations(settings["verify"]))
         return ctx
-
-    def _resolve(self) -> tuple[Plugins, list[Entry]]:
-        plugins = self._plugins()
-        return plugins, resolve(self._entries(plugins), self.removed_stages, self.options)
 
     def plan(self) -> list[str]:
         """The names of the stages ``build()`` will run, in order. Reads no weights."""
@@ -292,56 +347,8 @@ class ModelBuilder:
         """
         if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
             raise BuilderInputError(f"world_size must be a positive int, got {world_size!r}")
-        plugins, order = self._resolve()
-        ctx = self._context(plugins, order)
-        ctx.dry_run = True
-        failed: dict[str, HFBuilderError] = {}
-        stages: list[StageExplanation] = []
-        try:
-            for entry in order:
-                ctx.current_stage = entry.name
-                try:
-                    _guard(entry, "check", entry.stage.check, ctx)
-                except HFBuilderError as exc:
-                    failed[entry.name] = exc
-            stopped: str | None = None
-            for entry in order:
-                ctx.current_stage = entry.name
-                record = StageRecord(entry.name, entry.provider)
-                ctx.report.stages.append(record)
-                seen = len(ctx.report.warnings)
-                lines: list[str] = []
-                if stopped is None:
-                    try:
-                        lines = list(_guard(entry, "explain", entry.stage.explain, ctx) or [])
-                    except HFBuilderError as exc:
-                        failed.setdefault(entry.name, exc)
-                        stopped = entry.name
-                else:
-                    lines = [f"not explained: stage {stopped!r} could not be explained"]
-                error = failed.get(entry.name)
-                stages.append(StageExplanation(
-                    entry.name, entry.provider, record.actions + [str(x) for x in lines], record.facts,
-                    ctx.report.warnings[seen:], str(error) if error is not None else None,
-                ))
-                if stopped is None:
-                    after = _after_stage(plugins, entry, ctx)
-                    if after is not None:
-                        stages.append(StageExplanation(after.name, after.provider, after.actions, after.facts, [], None))
-        finally:
-            ctx.current_stage = None
-            ctx.close()
-        return Explanation(
-            model_class=getattr(self.model_class, "__name__", repr(self.model_class)),
-            model_name_or_path=self.model_name_or_path,
-            plan=[e.name for e in order],
-            stages=stages,
-            zero3=ctx.zero3,
-            invariants=invariant_mode(ctx.options),
-            expectations=[f"{e.pattern!r} from {e.source} ({e.by})" for e in ctx.report.expectations],
-            memory=estimate_memory(stages, ctx.zero3, world_size or default_world_size()),
-            exceptions=list(failed.values()),
-        )
+        plugins, order, settings = self._resolve()
+        return runner.explain(plugins, order, self._context(plugins, order, settings), world_size)
 
     def build(self) -> Any:
         """Build and return the model (a ``torch.nn.Module``)."""
@@ -353,57 +360,20 @@ class ModelBuilder:
         The report has each stage's time, memory, actions and facts, the provenance of every
         parameter, and the invariants checked after the last stage (see :mod:`hfbuilder.verify`).
         """
-        plugins, order = self._resolve()
-        ctx = self._context(plugins, order)
-        start = time.perf_counter()
-        try:
-            for entry in order:
-                ctx.current_stage = entry.name
-                _guard(entry, "check", entry.stage.check, ctx)
-            for entry in order:
-                ctx.current_stage = entry.name
-                ctx.report.stages.append(StageRecord(entry.name, entry.provider))
-                before = parameter_ids(ctx.model)
-                _guard(entry, "run", plugins.run_stage, entry.stage, ctx)
-                carry_provenance(ctx, before)
-                _after_stage(plugins, entry, ctx)
-            ctx.current_stage = None
-            if ctx.model is not None:
-                finish_build(ctx)
-        finally:
-            ctx.current_stage = None
-            ctx.close()
-        ctx.report.total_seconds = time.perf_counter() - start
-        if ctx.model is None:
-            raise HFBuilderError(f"the build finished without a model: no stage set ctx.model (plan: {ctx.report.plan})")
-        return ctx.model, ctx.report
+        plugins, order, settings = self._resolve()
+        return runner.build(plugins, order, self._context(plugins, order, settings))
 
 
-def _after_stage(plugins: Plugins, entry: Entry, ctx: BuildContext) -> StageRecord | None:
-    """Run the ``hfbuilder_after_stage`` implementations as a report row of their own, if any acted."""
-    name = f"after:{entry.name}"
-    record = StageRecord(name, "")
-    ctx.report.stages.append(record)
-    ctx.current_stage = name
-    start = time.perf_counter()
-    done = plugins.after_stage(entry.stage, ctx)
-    record.seconds = time.perf_counter() - start
-    ctx.current_stage = entry.name
-    if not done:
-        ctx.report.stages.remove(record)
-        return None
-    record.provider = ", ".join(plugin for plugin, _ in done)
-    record.actions.extend(line for _, lines in done for line in lines)
-    return record
+def settings_catalog(entries: list[Entry]) -> Catalog:
+    """Every registered stage's settings class (planned or not), and the checks after the build's."""
+    classes: dict[str, Any] = {}
+    providers: dict[str, str] = {}
+    for entry in entries:
+        classes[entry.name] = type(entry.stage).Settings
+        providers[entry.name] = entry.provider
+    classes.setdefault("verify", VerifySettings)
+    providers.setdefault("verify", "hfbuilder.verify")
+    return Catalog(classes, providers)
 
 
-def _guard(entry: Entry, what: str, fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except HFBuilderError:
-        raise
-    except Exception as exc:
-        raise StageError(f"stage {entry.name!r} (from {entry.provider}) failed in {what}: {type(exc).__name__}: {exc}") from exc
-
-
-__all__ = ["ModelBuilder"]
+__all__ = ["ModelBuilder", "settings_catalog"]

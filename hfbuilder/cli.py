@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .context import zero_stage_of
+from .dsconfig import zero_stage_of
 from .errors import (
     BuilderInputError,
     CheckpointError,
@@ -68,10 +68,10 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _probability(text: str) -> float:
-    from .builder import check_probability
+    from .plugins.dropout import DropoutSettings
 
     try:
-        return check_probability(float(text), "--dropout")
+        return DropoutSettings(p=float(text)).p  # type: ignore[return-value]
     except (ValueError, BuilderInputError) as exc:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from exc
 
@@ -93,7 +93,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                         help="head option, JSON-parsed when possible (repeatable)")
     parser.add_argument("-o", "--option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                        help="builder option for .with_options(), e.g. invariants=warn (repeatable)")
+                        help="a setting: NAME=VALUE as .with_options() takes it (invariants=warn), or "
+                             "STAGE.FIELD=VALUE as .configure() does (resize.multiple=16); VALUE is JSON when it "
+                             "parses; see `hfbuilder settings` (repeatable)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE (or module:attr) and register it with with_plugin (repeatable)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -128,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also register MODULE as with_plugin would (repeatable)")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
     plugins.set_defaults(func=cmd_plugins)
+
+    settings = sub.add_parser("settings", help="list every stage's settings: names, types, defaults",
+                              description="The settings each registered stage declares, generated from their "
+                                          "Settings dataclasses; -o NAME=VALUE and with_options() take these names.")
+    settings.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                          help="also register MODULE as with_plugin would (repeatable)")
+    settings.add_argument("--markdown", action="store_true", help="print the docs/settings.md table")
+    settings.set_defaults(func=cmd_settings)
 
     inspect = sub.add_parser("inspect", help="list a checkpoint's tensors and guess whose layout it follows",
                              description="Keys, shapes, dtypes and format of a checkpoint, from file headers; "
@@ -241,8 +251,9 @@ def _builder(args: argparse.Namespace) -> Any:
         builder = builder.with_head(args.head, **dict(args.head_option))
     elif args.head_option:
         raise BuilderInputError("--head-option needs --head")
-    if args.option:
-        builder = builder.with_options(**dict(args.option))
+    for key, value in args.option:
+        stage, dot, field = key.partition(".")
+        builder = builder.configure(stage, **{field: value}) if dot else builder.with_options(**{key: value})
     return builder
 
 
@@ -382,6 +393,23 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                                                         "hfbuilder_dropout_keys")]
         if others:
             print(f"    hooks  {', '.join(others)}")
+    return EXIT_OK
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from .builder import settings_catalog
+    from .manager import Plugins
+    from .settings import fields_of, reference_markdown
+
+    plugins = Plugins([_import_plugin(spec) for spec in args.plugin])
+    catalog = settings_catalog(plugins.stage_entries())
+    if args.markdown:
+        print(reference_markdown(catalog), end="")
+        return EXIT_OK
+    for stage in sorted(catalog.classes):
+        for info in fields_of(stage, catalog.classes[stage]):
+            print(f"{stage}.{info.name}  [{', '.join(info.flat)}]  {info.type} = {info.default!r}")
+            print(f"    {info.doc}")
     return EXIT_OK
 
 

@@ -18,7 +18,7 @@ import warnings
 from typing import Any
 
 from .builder import ModelBuilder
-from .context import zero_stage_of
+from .dsconfig import zero_stage_of
 
 
 def _dschat_builder(

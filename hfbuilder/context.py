@@ -6,8 +6,12 @@ import contextlib
 import json
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .dsconfig import zero_stage_of
+from .errors import BuilderInputError
 
 log = logging.getLogger("hfbuilder")
 
@@ -130,16 +134,18 @@ class BuildReport:
 class BuildContext:
     """The state that stages read and write during one build.
 
-    ``options`` carries the builder's settings (``dropout``, ``dtype``, ``device``,
-    ``head``, ...); plugins may add their own keys. ``config`` is set by the
-    config stage and ``model`` by the load stage.
+    Settings come from ``ctx.settings(stage_name)``. ``config`` is set by the config stage and
+    ``model`` by the load stage. The fields below ``model`` are what stages hand each other: each
+    says who writes it and who reads it, so a stage that replaces another knows what to keep.
     """
 
     model_class: Any
     model_name_or_path: str
     tokenizer: Any
+    #: The DeepSpeed config, a plain dict copy owned by this build (None without DeepSpeed).
     ds_config: dict[str, Any] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    #: stage name -> that stage's settings instance, for every registered stage.
+    stage_settings: Mapping[str, Any] = field(default_factory=dict)
     config: Any = None
     model: Any = None
     report: BuildReport = field(default_factory=BuildReport)
@@ -149,13 +155,44 @@ class BuildContext:
     dropout_keys: tuple[str, ...] = ()
     #: providers by stage name, for messages.
     providers: dict[str, str] = field(default_factory=dict)
-    #: free-form scratch space for cooperating plugins (e.g. the ZeRO-3 handles).
-    state: dict[str, Any] = field(default_factory=dict)
+    #: The dtype name the floating weights are built in (``"bfloat16"``..., ``"auto"``: as stored, None:
+    #: the config's). Written by the load stage (the DeepSpeed config's under ZeRO-3); read by the
+    #: checkpoint stage when it converts tensors.
+    dtype: str | None = None
+    #: True while ZeRO-3 partitioning is active in this build (written by the zero stage); the zero
+    #: plugin's ``hfbuilder_after_stage`` partitions what each later stage leaves unpartitioned.
+    partitioning: bool = False
+    #: True when the parameters exist but hold no values yet: built partitioned, without init, for a
+    #: strict checkpoint that fills every one. Written by the load stage; the resize stage then does not
+    #: average rows that hold nothing.
+    values_undefined: bool = False
+    #: ``(parameter, old_rows, new_rows)`` for each matrix the resize stage grew while its values were
+    #: deferred (meta device). Written by the resize stage; the checkpoint stage accepts a checkpoint
+    #: holding the old row count for these and leaves the new rows to ``rows_to_fill``.
+    resized_rows: list[tuple[Any, int, int]] = field(default_factory=list)
+    #: Rows that still need values: parameter name -> ``(start, stop)``. Written by the checkpoint
+    #: stage (grown rows the checkpoint lacks); the materialize stage fills them as resize would
+    #: (their mean with the resize stage's ``mean_resizing``, else the model's init std) and empties it.
+    rows_to_fill: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: The checkpoint stage's key plan (:class:`hfbuilder.weights.LoadPlan`), for later stages and tools.
+    load_plan: Any = None
     current_stage: str | None = None
     #: True inside ``ModelBuilder.explain()``: stages describe, read no weights, and
     #: ``warn`` records without emitting. ``model`` is then the architecture on the meta device.
     dry_run: bool = False
     _exit: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    def settings(self, stage: str) -> Any:
+        """The settings of the stage called ``stage`` (its ``Stage.Settings`` instance), planned or not."""
+        try:
+            return self.stage_settings[stage]
+        except KeyError:
+            from .settings import closest_first
+
+            raise BuilderInputError(
+                f"no stage {stage!r} declares settings. Valid stages, closest first: "
+                f"{closest_first(stage, self.stage_settings)}"
+            ) from None
 
     @property
     def zero3(self) -> bool:
@@ -208,16 +245,6 @@ class BuildContext:
         self._exit.close()
 
 
-def zero_stage_of(ds_config: dict[str, Any] | None) -> int | None:
-    """The ZeRO stage a DeepSpeed config dict asks for, or None if it has none."""
-    if not ds_config:
-        return None
-    zero = ds_config.get("zero_optimization")
-    if not isinstance(zero, dict) or "stage" not in zero:
-        return None
-    return int(zero["stage"])
-
-
 __all__ = [
     "PROVENANCE_ADAPTER_INIT",
     "PROVENANCE_CHECKPOINT",
@@ -233,5 +260,4 @@ __all__ = [
     "InvariantResult",
     "StageRecord",
     "provenance_origin",
-    "zero_stage_of",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import graphlib
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +45,13 @@ class Entry:
 def resolve(
     entries: Iterable[Entry],
     removed: Iterable[str] = (),
-    options: Mapping[str, Any] | None = None,
+    settings: Any = None,
 ) -> list[Entry]:
-    """Return the entries that run, in order. Raises :class:`StageOrderError`."""
-    options = dict(options or {})
+    """Return the entries that run, in order. Raises :class:`StageOrderError`.
+
+    ``settings`` (the build's settings lookup, ``settings("load")``) goes to each stage's
+    ``enabled``; None keeps every stage whose ``enabled`` does not need it.
+    """
     plain: dict[str, Entry] = {}
     replacers: list[Entry] = []
     for e in entries:
@@ -114,7 +117,7 @@ def resolve(
         del plain[c]
 
     for e in list(plain.values()):
-        if not e.stage.enabled(options):
+        if settings is not None and not e.stage.enabled(settings):
             del plain[e.name]
 
     for e in plain.values():

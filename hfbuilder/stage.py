@@ -7,13 +7,20 @@ attributes and implements one method; the rest of the contract is in
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from .settings import NoSettings, freeze
+from .settings import Settings as _Settings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from torch import nn
 
-    from .builder import ModelBuilder
     from .context import BuildContext
+
+#: What ``Stage.enabled`` gets: ``settings("load")`` is the load stage's settings.
+SettingsLookup = Callable[[str], Any]
 
 
 def _names(value: Any, owner: str, attr: str) -> tuple[str, ...]:
@@ -40,27 +47,35 @@ class Stage:
         Names of stages this one must run after / before. Order comes only from these.
     ``replaces``
         Name of a stage this one takes the place of (inheriting its position), or None.
+    ``Settings``
+        What the stage reads: a frozen dataclass subclassing :class:`hfbuilder.Settings`
+        whose fields are typed and documented (``setting(default, doc=...)``). The builder
+        holds one instance per stage (``configure(name, **fields)``, ``with_options``); the
+        stage reads it with ``ctx.settings(self.name)``, and another stage's by its name.
 
-    Stages are instantiated with no arguments; settings reach them through
-    ``ctx.options``.
+    Stages are instantiated with no arguments.
     """
 
     name: ClassVar[str] = ""
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
     replaces: ClassVar[str | None] = None
+    Settings: ClassVar[type[_Settings]] = NoSettings
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.after = _names(cls.after, cls.__name__, "after")
         cls.before = _names(cls.before, cls.__name__, "before")
+        settings = cls.__dict__.get("Settings")
+        if settings is not None and not (isinstance(settings, type) and issubclass(settings, _Settings)):
+            raise TypeError(f"{cls.__name__}.Settings must be a subclass of hfbuilder.Settings, got {settings!r}")
 
-    def enabled(self, options: dict[str, Any]) -> bool:
-        """Whether the stage belongs in the plan for these options.
+    def enabled(self, settings: SettingsLookup) -> bool:
+        """Whether the stage belongs in the plan, given the build's settings (``settings("load")``).
 
         The six core stages always return True (a stage with nothing to do stays
         in the plan and does nothing); optional stages such as ``head`` or
-        ``checkpoint`` appear only when their option is set.
+        ``checkpoint`` appear only when their settings ask for them.
         """
         return True
 
@@ -119,17 +134,41 @@ class Head:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
+@dataclass(frozen=True)
 class Phase:
-    """An RLHF phase: a named bundle of builder settings (``for_phase(name, **options)``)."""
+    """An RLHF phase: data the builder applies with ``for_phase(name, **parameters)``.
 
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
+    ``settings``
+        Fields per stage, applied first: ``{"dropout": {"p": 0.0}, "freeze": {"enabled": True}}``.
+    ``head`` / ``head_options``
+        The head to wrap the model in, and its default options; a ``for_phase`` parameter
+        with the name of a head option overrides it.
+    ``checkpoint``
+        True when the whole model is loaded from a checkpoint: the ``checkpoint`` parameter,
+        else the builder's ``model_name_or_path``.
+    ``parameters``
+        The other keywords ``for_phase`` accepts: ``model_name_or_path``, ``lora`` (a dict of
+        ``with_lora`` arguments), ``checkpoint``, or any flat settings name (``dropout``).
+    """
 
-    def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
-        raise NotImplementedError(f"phase {self.name!r} does not implement apply()")
+    name: str
+    description: str = ""
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    head: str | None = None
+    head_options: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint: bool = False
+    parameters: tuple[str, ...] = ()
 
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"a Phase needs a non-empty name, got {self.name!r}")
+        object.__setattr__(self, "settings", freeze(self.settings))
+        object.__setattr__(self, "head_options", freeze(self.head_options))
+        object.__setattr__(self, "parameters", tuple(self.parameters))
+
+    def accepts(self) -> list[str]:
+        """Every keyword ``for_phase`` takes for this phase."""
+        return sorted({*self.parameters, *self.head_options})
 
 
 __all__ = ["Head", "Phase", "Stage"]

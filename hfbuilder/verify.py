@@ -5,7 +5,7 @@ after every stage, third-party ones included, and a stage cannot be ordered afte
 stages it does not know. It names no stage: it reads what stages wrote
 (``ctx.report.provenance``, ``ctx.expect``) and the model itself.
 
-Invariants (option ``invariants``: ``"error"``, the default, raises
+Invariants (setting ``verify.invariants``: ``"error"``, the default, raises
 :class:`~hfbuilder.errors.InvariantError`; ``"warn"`` warns with
 :class:`~hfbuilder.errors.InvariantWarning`; ``"off"`` skips them):
 
@@ -26,7 +26,9 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal
 
 from .context import (
     PROVENANCE_CHECKPOINT,
@@ -40,33 +42,38 @@ from .context import (
     provenance_origin,
 )
 from .errors import BuilderInputError, InvariantError, InvariantWarning
+from .settings import Settings, setting
 
 INVARIANT_MODES = ("error", "warn", "off")
 #: Details listed per failed invariant before "... and N more".
 MAX_DETAILS = 20
 
 
-def invariant_mode(options: Mapping[str, Any]) -> str:
-    mode = options.get("invariants", "error")
-    if mode not in INVARIANT_MODES:
-        raise BuilderInputError(f"option invariants must be one of {list(INVARIANT_MODES)}, got {mode!r}")
-    return mode
+@dataclass(frozen=True)
+class VerifySettings(Settings):
+    """What the checks after the last stage do (``configure("verify", ...)``)."""
+
+    stage_name: ClassVar[str] = "verify"
+
+    invariants: Literal["error", "warn", "off"] = setting(
+        "error", option="invariants", doc="a failed invariant raises InvariantError (error), warns (warn), or is not checked (off)")
+    check_finite: Literal["written", "all"] = setting(
+        "written", option="check_finite", doc="which weights the finite check reads: those the build wrote, or every weight")
+    expect: Mapping[str, str] = setting(
+        MappingProxyType({}), option="expect", doc='your own provenance promises, {"v_head.*": "checkpoint"}, checked like a stage\'s')
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for pattern, source in self.expect.items():
+            if not isinstance(pattern, str) or not pattern or source not in PROVENANCE_ORIGINS:
+                raise BuilderInputError(
+                    f"option expect: {pattern!r}: {source!r} must be a pattern and one of {sorted(PROVENANCE_ORIGINS)}"
+                )
 
 
-def option_expectations(options: Mapping[str, Any]) -> list[Expectation]:
+def option_expectations(settings: VerifySettings) -> list[Expectation]:
     """The caller's own promises, ``with_options(expect={"v_head.*": "checkpoint"})``, checked like a stage's."""
-    given = options.get("expect") or {}
-    if not isinstance(given, Mapping):
-        raise BuilderInputError(f'option expect must map parameter patterns to sources, e.g. {{"v_head.*": '
-                                f'"checkpoint"}}, got {given!r}')
-    out = []
-    for pattern, source in given.items():
-        if not isinstance(pattern, str) or not pattern or source not in PROVENANCE_ORIGINS:
-            raise BuilderInputError(
-                f"option expect: {pattern!r}: {source!r} must be a pattern and one of {sorted(PROVENANCE_ORIGINS)}"
-            )
-        out.append(Expectation(pattern, source, "option expect"))
-    return out
+    return [Expectation(pattern, source, "option expect") for pattern, source in settings.expect.items()]
 
 
 def parameter_ids(model: Any) -> dict[int, str]:
@@ -126,13 +133,6 @@ def _finite(t: Any) -> bool:
 FINITE_SCOPES = ("written", "all")
 
 
-def finite_scope(options: Mapping[str, Any]) -> str:
-    scope = options.get("check_finite", "written")
-    if scope not in FINITE_SCOPES:
-        raise BuilderInputError(f"option check_finite must be one of {list(FINITE_SCOPES)}, got {scope!r}")
-    return scope
-
-
 def _in_scope(scope: str, provenance: str) -> bool:
     """Whether the ``finite`` invariant reads this parameter.
 
@@ -161,7 +161,7 @@ def check_invariants(ctx: BuildContext) -> list[InvariantResult]:
     params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
     prov = ctx.report.provenance
 
-    scope = finite_scope(ctx.options)
+    scope = ctx.settings("verify").check_finite
     with torch.no_grad():
         nonfinite = [name for name, p in params if _in_scope(scope, prov.get(name, "")) and not _finite(_local(p))]
     finite = _result("finite", [f"{name} holds NaN or inf" for name in nonfinite])
@@ -192,7 +192,7 @@ def finish_build(ctx: BuildContext) -> None:
     start = time.perf_counter()
     try:
         complete_provenance(ctx)
-        mode = invariant_mode(ctx.options)
+        mode = ctx.settings("verify").invariants
         if mode == "off" or ctx.model is None:
             return
         ctx.report.invariants = check_invariants(ctx)
@@ -219,7 +219,7 @@ __all__ = [
     "check_invariants",
     "complete_provenance",
     "finish_build",
-    "invariant_mode",
+    "VerifySettings",
     "option_expectations",
     "parameter_ids",
 ]

@@ -641,7 +641,7 @@ def load_checkpoint_into_partitions(
       keys, ignored keys, non-strict loads). ``partial_rows`` (name -> (rows in the
       checkpoint, rows in the model)) marks matrices the resize stage grew: only the
       checkpoint's rows are read, the new ones keep their values. Both default to the
-      ``checkpoint_plan`` the checkpoint stage leaves in ``ctx.state`` (``use_plan=False``:
+      ``ctx.load_plan`` the checkpoint stage leaves (``use_plan=False``:
       ignore it).
     * otherwise strict, exact keys: missing keys, unexpected keys and shape mismatches
       raise :class:`CheckpointError` listing them, before anything is written. A tied
@@ -658,7 +658,7 @@ def load_checkpoint_into_partitions(
     reader = _as_reader(reader)
     if ctx is not None and ctx.ds_config is not None:
         partition_unpartitioned(model, ctx.ds_config)
-    plan = ctx.state.get("checkpoint_plan") if ctx is not None and sources is None and use_plan else None
+    plan = ctx.load_plan if ctx is not None and sources is None and use_plan else None
     if plan is not None:
         sources = plan.sources
         partial_rows = partial_rows if partial_rows is not None else getattr(plan, "partial_rows", None)

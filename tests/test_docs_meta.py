@@ -95,3 +95,27 @@ def test_every_page_is_in_the_site_navigation():
     pages = sorted(str(p.relative_to(DOCS)) for p in DOCS.glob("**/*.md"))
     missing = [p for p in pages if f": {p}" not in nav]
     assert not missing, f"pages missing from the nav in mkdocs.yml: {missing}"
+
+
+def test_the_settings_reference_is_generated_from_the_settings_classes():
+    """docs/settings.md's table is what ``hfbuilder settings --markdown`` prints for the built-ins."""
+    from hfbuilder.builder import settings_catalog
+    from hfbuilder.settings import reference_markdown
+
+    text = _text("settings.md")
+    table = text.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]
+    expected = reference_markdown(settings_catalog(Plugins(autoload=False).stage_entries()))
+    assert table == expected, "docs/settings.md is stale: regenerate it with `hfbuilder settings --markdown`"
+
+
+def test_every_setting_has_a_doc():
+    import dataclasses
+
+    from hfbuilder.builder import settings_catalog
+
+    catalog = settings_catalog(Plugins(autoload=False).stage_entries())
+    undocumented = [
+        f"{stage}.{f.name}" for stage, cls in catalog.classes.items() for f in dataclasses.fields(cls)
+        if not f.metadata.get("doc")
+    ]
+    assert not undocumented, f"settings without a doc (use hfbuilder.setting(default, doc=...)): {undocumented}"

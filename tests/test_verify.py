@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
+import hfbuilder
 from hfbuilder import (
     BuildContext,
     BuilderInputError,
@@ -29,7 +31,7 @@ from hfbuilder.context import (
     PROVENANCE_UNINITIALIZED,
     provenance_origin,
 )
-from hfbuilder.verify import check_invariants
+from hfbuilder.verify import VerifySettings, check_invariants
 
 
 class Scored(nn.Module):
@@ -60,13 +62,17 @@ class LoadCheckpoint(Stage):
     name = "test_checkpoint"
     after = ("head",)
 
-    def enabled(self, options):
-        return "test_checkpoint" in options
+    @dataclass(frozen=True)
+    class Settings(hfbuilder.Settings):
+        path: str | None = hfbuilder.setting(None, option="test_checkpoint", doc="the file to load")
+
+    def enabled(self, settings):
+        return settings(self.name).path is not None
 
     def run(self, ctx):
         from safetensors.torch import load_file
 
-        state = load_file(ctx.options["test_checkpoint"])
+        state = load_file(ctx.settings(self.name).path)
         ctx.model.load_state_dict(state, strict=False)
         for key in state:
             ctx.report.provenance[key] = PROVENANCE_CHECKPOINT
@@ -220,11 +226,11 @@ def test_deferred_weights_left_on_meta_are_uninitialized_not_an_error(model_dir,
 
 def test_bad_invariants_option_fails_before_any_work(model_dir, tokenizer_for):
     path = model_dir("opt")
-    builder = ModelBuilder(AutoModelForCausalLM, path, tokenizer_for(path)).with_options(invariants="maybe")
-    with pytest.raises(BuilderInputError, match="invariants must be one of"):
-        builder.build()
-    with pytest.raises(BuilderInputError, match="invariants must be one of"):
-        builder.explain()
+    builder = ModelBuilder(AutoModelForCausalLM, path, tokenizer_for(path))
+    with pytest.raises(BuilderInputError, match="invariants .*must be one of"):
+        builder.with_options(invariants="maybe")  # refused where it is set, before any build
+    with pytest.raises(BuilderInputError, match="invariants .*must be one of"):
+        builder.configure("verify", invariants="maybe")
 
 
 def test_expectation_matching_nothing_fails(model_dir, tokenizer_for):
@@ -248,9 +254,9 @@ def test_zero3_partitions_are_checked_locally():
         p.ds_tensor = torch.ones(3)
         p.data = torch.empty(0)
     layer.weight.ds_tensor[1] = float("inf")
-    ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, model=layer)
+    ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, model=layer,
+                       stage_settings={"verify": VerifySettings(check_finite="all")})  # file weights: on request
     ctx.report.provenance = {"weight": PROVENANCE_PRETRAINED, "bias": PROVENANCE_PRETRAINED}
-    ctx.options["check_finite"] = "all"  # read from a file: checked on request only
     finite = check_invariants(ctx)[0]
     assert not finite.passed and finite.details == ["weight holds NaN or inf"]
 
@@ -260,9 +266,9 @@ def test_an_overflowing_fp16_sum_is_not_reported():
     layer = nn.Linear(1000, 100, bias=False).to(torch.float16)
     with torch.no_grad():
         layer.weight.fill_(10.0)  # sums to 1e6: inf in fp16, yet every element is finite
-    ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, model=layer)
+    ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, model=layer,
+                       stage_settings={"verify": VerifySettings(check_finite="all")})
     ctx.report.provenance = {"weight": PROVENANCE_PRETRAINED}
-    ctx.options["check_finite"] = "all"
     assert check_invariants(ctx)[0].passed
 
 

@@ -130,7 +130,7 @@ def check_head(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         **partition_facts(model),
         "digests": {k: digest(v) for k, v in full.items()},
-        "head_notes": report.stage("head").actions,
+        "head_notes": [a for s in report.stages if s.name in ("head", "after:head") for a in s.actions],
     }
 
 

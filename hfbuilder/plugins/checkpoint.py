@@ -17,15 +17,31 @@ initialized and then overwritten. Under ZeRO-3 the work goes to
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..checkpoint_io import CheckpointReader, find_checkpoint, open_checkpoint
 from ..context import PROVENANCE_CHECKPOINT, PROVENANCE_RESIZED, BuildContext
-from ..errors import BuilderInputError, CheckpointError
+from ..errors import CheckpointError
 from ..hookspecs import hookimpl
+from ..settings import Settings, setting
 from ..stage import Stage
+
+
+@dataclass(frozen=True)
+class CheckpointSettings(Settings):
+    path: str | None = setting(None, option="checkpoint",
+                               doc="load the whole (wrapped) model's weights from this file or directory")
+    strict: bool = setting(True, doc="missing or unexpected keys are an error; False: warnings, and materialize "
+                                     "initializes what is missing")
+    mmap: bool = setting(True, doc="keep tensors memory-mapped from the file; False copies them out")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.path, os.PathLike):
+            object.__setattr__(self, "path", os.fspath(self.path))
+        super().__post_init__()
 
 #: Keys transformers itself never reports as unexpected: buffers that old checkpoints saved.
 ALWAYS_IGNORED_UNEXPECTED = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")
@@ -218,10 +234,10 @@ def assign_from_checkpoint(model: Any, plan: LoadPlan, reader: CheckpointReader,
     """Make each tensor the checkpoint's (``load_state_dict(assign=True)``); returns the bytes loaded."""
     import torch
 
-    want_dtype = ctx.options.get("dtype")
-    device = ctx.options.get("device")
+    want_dtype = ctx.dtype
+    device = ctx.settings("load").device
     device = None if device in (None, "meta") else device
-    keep_mmap = bool(ctx.options.get("checkpoint_mmap", True))
+    keep_mmap = ctx.settings("checkpoint").mmap
     current = model.state_dict(keep_vars=True)
     state: dict[str, Any] = {}
     nbytes = 0
@@ -230,7 +246,7 @@ def assign_from_checkpoint(model: Any, plan: LoadPlan, reader: CheckpointReader,
         loaded = tensor
         like = current[name]
         if tensor.is_floating_point() and want_dtype != "auto":
-            tensor = tensor.to(like.dtype)  # the dtype the model was built in: the options' or the config's
+            tensor = tensor.to(like.dtype)  # the dtype the model was built in: the setting's or the config's
         elif not tensor.is_floating_point() and tensor.dtype != like.dtype:
             tensor = tensor.to(like.dtype)
         if name in plan.partial_rows:
@@ -273,25 +289,17 @@ def _same_values(reader: CheckpointReader, key: str, value: Any) -> bool:
 
 
 class CheckpointStage(Stage):
-    """Loads ``options["checkpoint"]`` into the final model; only in the plan when a checkpoint was given.
-
-    Options: ``checkpoint_strict`` (default True; False turns missing/unexpected keys
-    into warnings, and the ``materialize`` stage initializes what is missing);
-    ``checkpoint_mmap`` (default True; False copies tensors out of the file instead
-    of memory-mapping them).
-    """
+    """Loads the checkpoint into the final model; only in the plan when a checkpoint was given."""
 
     name = "checkpoint"
     after = ("head", "resize")
+    Settings = CheckpointSettings
 
-    def enabled(self, options: dict[str, Any]) -> bool:
-        return options.get("checkpoint") is not None
+    def enabled(self, settings: Any) -> bool:
+        return settings(self.name).path is not None
 
     def check(self, ctx: BuildContext) -> None:
-        find_checkpoint(ctx.options["checkpoint"])  # a missing or unknown checkpoint fails before any work
-        for key in ("checkpoint_strict", "checkpoint_mmap"):
-            if not isinstance(ctx.options.get(key, True), bool):
-                raise BuilderInputError(f"{key} must be True or False, got {ctx.options[key]!r}")
+        find_checkpoint(ctx.settings(self.name).path)  # a missing or unknown checkpoint fails before any work
         if ctx.zero3 and importlib.util.find_spec("hfbuilder.zero3") is None:
             raise CheckpointError(
                 "loading a checkpoint under ZeRO-3 needs hfbuilder.zero3.load_checkpoint_into_partitions, "
@@ -299,18 +307,20 @@ class CheckpointStage(Stage):
             )
 
     def explain(self, ctx: BuildContext) -> list[str]:
-        fmt, file = find_checkpoint(ctx.options["checkpoint"])
-        strict = ctx.options.get("checkpoint_strict", True)
+        settings = ctx.settings(self.name)
+        fmt, file = find_checkpoint(settings.path)
+        strict = settings.strict
         how = "into ZeRO-3 partitions" if ctx.zero3 else "by assignment onto the meta-device model (mmap, no init)"
         return [f"load every weight from {file} ({fmt}) {how}; {'strict' if strict else 'non-strict'} key matching"]
 
     def run(self, ctx: BuildContext) -> None:
-        reader = open_checkpoint(ctx.options["checkpoint"])
+        settings = ctx.settings(self.name)
+        reader = open_checkpoint(settings.path)
         ctx.call_on_exit(reader.close)
-        resized = {id(w): (old, new) for w, old, new in ctx.state.get("resized_rows", ())}
+        resized = {id(w): (old, new) for w, old, new in ctx.resized_rows}
         plan = match_keys(ctx.model, reader, resized)
-        check_plan(plan, reader, ctx.model, bool(ctx.options.get("checkpoint_strict", True)), ctx)
-        ctx.state["checkpoint_plan"] = plan
+        check_plan(plan, reader, ctx.model, settings.strict, ctx)
+        ctx.load_plan = plan
         if ctx.zero3:
             from ..zero3 import load_checkpoint_into_partitions
 
@@ -318,7 +328,7 @@ class CheckpointStage(Stage):
             ctx.note(f"loaded {len(plan.sources)} tensors from {reader.file} into ZeRO-3 partitions")
         else:
             nbytes = assign_from_checkpoint(ctx.model, plan, reader, ctx)
-            ctx.state["pending_rows"] = dict(plan.partial_rows)
+            ctx.rows_to_fill.update(plan.partial_rows)
             ctx.note(f"assigned {len(plan.sources)} tensors ({nbytes / 2**20:.1f} MiB) from {reader.file} ({reader.format})")
         self._record(ctx, plan)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..context import BuildContext
 from ..hookspecs import hookimpl
+from ..settings import Settings, setting
 from ..stage import Stage
 
 #: Config keys that hold a dropout probability, across the families hfbuilder tests.
@@ -41,15 +44,22 @@ def split_keys(config, known: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return present, unknown
 
 
+@dataclass(frozen=True)
+class DropoutSettings(Settings):
+    p: float | None = setting(None, option="dropout", min=0.0, max=1.0,
+                              doc="one probability for every dropout key the config has; None keeps the config's")
+
+
 class DropoutStage(Stage):
-    """Sets every known dropout key the config has to ``options["dropout"]``."""
+    """Sets every known dropout key the config has to the ``dropout`` setting."""
 
     name = "dropout"
+    Settings = DropoutSettings
     after = ("config",)
 
     def _plan(self, ctx: BuildContext) -> tuple[float | None, list[str], list[str]]:
         """(p, keys to set, dropout-like keys not covered), with the facts and warnings both runs share."""
-        p = ctx.options.get("dropout")
+        p = ctx.settings(self.name).p
         if p is None:
             return None, [], []
         present, unknown = split_keys(ctx.config, ctx.dropout_keys)

@@ -10,12 +10,19 @@ logits cast to fp32. On a ``RewardModel`` the same option turns on its
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 from ..context import BuildContext
 from ..errors import BuilderInputError
 from ..hookspecs import hookimpl
+from ..settings import Settings, setting
 from ..stage import Stage
+
+
+@dataclass(frozen=True)
+class Fp32LossSettings(Settings):
+    enabled: bool = setting(False, option="fp32_loss", doc="compute the loss in fp32 (with_fp32_loss())")
 
 
 def fp32_loss_forward(model: Any) -> Any:
@@ -53,8 +60,10 @@ class Fp32LossStage(Stage):
     name = "fp32_loss"
     after = ("head", "checkpoint", "materialize", "lora")
 
-    def enabled(self, options: dict[str, Any]) -> bool:
-        return bool(options.get("fp32_loss"))
+    Settings = Fp32LossSettings
+
+    def enabled(self, settings: Any) -> bool:
+        return settings(self.name).enabled
 
     def explain(self, ctx: BuildContext) -> list[str]:
         return ["compute the loss in fp32 (DeepSpeed-Chat's causal_lm_model_to_fp32_loss)"]

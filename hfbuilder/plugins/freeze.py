@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..context import BuildContext
 from ..hookspecs import hookimpl
+from ..settings import Settings, setting
 from ..stage import Stage
+
+
+@dataclass(frozen=True)
+class FreezeSettings(Settings):
+    enabled: bool = setting(False, option="freeze", doc="requires_grad=False, eval mode, dropout p=0 (frozen())")
 
 
 class FreezeStage(Stage):
@@ -20,8 +27,10 @@ class FreezeStage(Stage):
     name = "freeze"
     after = ("materialize", "checkpoint", "head", "lora", "fp32_loss")
 
-    def enabled(self, options: dict[str, Any]) -> bool:
-        return bool(options.get("freeze"))
+    Settings = FreezeSettings
+
+    def enabled(self, settings: Any) -> bool:
+        return settings(self.name).enabled
 
     def explain(self, ctx: BuildContext) -> list[str]:
         return ["freeze: requires_grad=False on every parameter, eval mode, dropout p=0"]

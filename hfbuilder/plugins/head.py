@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from ..context import PROVENANCE_HEAD_INIT, PROVENANCE_UNINITIALIZED, BuildContext
 from ..errors import UnknownHeadError
 from ..hookspecs import hookimpl
+from ..settings import Settings, closest_first, setting
 from ..stage import Head, Stage
 
 
+@dataclass(frozen=True)
+class HeadSettings(Settings):
+    name: str | None = setting(None, option="head", doc="wrap the model in this head (with_head), e.g. reward")
+    options: Mapping[str, Any] = setting(MappingProxyType({}), doc="the head's own options, checked by the head")
+
+
 def selected_head(ctx: BuildContext) -> tuple[Head, dict[str, Any]]:
-    name = ctx.options["head"]
-    if name not in ctx.heads:
-        raise UnknownHeadError(f"unknown head {name!r}; known heads: {sorted(ctx.heads) or 'none'}")
-    return ctx.heads[name], dict(ctx.options.get("head_options") or {})
+    settings = ctx.settings("head")
+    if settings.name not in ctx.heads:
+        raise UnknownHeadError(
+            f"unknown head {settings.name!r}; known heads, closest first: "
+            f"{closest_first(settings.name, ctx.heads) or 'none'}"
+        )
+    return ctx.heads[settings.name], dict(settings.options)
 
 
 class HeadStage(Stage):
@@ -22,9 +35,10 @@ class HeadStage(Stage):
 
     name = "head"
     after = ("resize",)
+    Settings = HeadSettings
 
-    def enabled(self, options: dict[str, Any]) -> bool:
-        return options.get("head") is not None
+    def enabled(self, settings: Any) -> bool:
+        return settings(self.name).name is not None
 
     def check(self, ctx: BuildContext) -> None:
         head, options = selected_head(ctx)

@@ -4,12 +4,39 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
+from ..errors import BuilderInputError
 from ..files import FORMAT_JSON, CheckpointSummary, FileInfo, checkpoint_to_model_keys, summarize
 from ..hookspecs import hookimpl
+from ..settings import Settings, setting
 from ..stage import Stage
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "npu", "hpu", "meta")
+
+
+@dataclass(frozen=True)
+class LoadSettings(Settings):
+    deferred: bool = setting(False, option="deferred", doc="build the architecture without reading pretrained weights "
+                                        "(DeepSpeed-Chat's rlhf_training); a checkpoint or materialize fills them")
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] | None = setting(
+        None, option="dtype", doc="the weights' dtype (a torch.dtype or its name); auto: as stored; None: the config's")
+    device: str | None = setting(None, option="device", doc="load the weights straight onto this device (cuda, cuda:1, cpu...)")
+    partition_loader: bool = setting(True, option="zero3_partition_loader",
+                                     doc="under ZeRO-3 each rank reads only its rows of a safetensors checkpoint; "
+                                         "False: transformers' from_pretrained")
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))  # torch.bfloat16 -> bfloat16
+        if self.device is not None and not isinstance(self.device, str) and type(self.device).__name__ == "device":
+            object.__setattr__(self, "device", str(self.device))
+        super().__post_init__()
+        if self.device is not None and self.device.split(":")[0] not in DEVICE_TYPES:
+            raise BuilderInputError(f"load.device: unknown device {self.device!r}; device types: {list(DEVICE_TYPES)}")
 
 
 def torch_dtype(name: Any) -> Any:
@@ -22,18 +49,21 @@ def torch_dtype(name: Any) -> Any:
 
 
 class LoadStage(Stage):
-    """``from_pretrained`` (straight onto ``options["device"]`` when set), or, with deferred
+    """``from_pretrained`` (straight onto the ``device`` setting when set), or, with deferred
     weights, the architecture alone: on the meta device without ZeRO-3, so no time is
     spent initializing weights that a checkpoint will overwrite.
     """
 
     name = "load"
     after = ("zero",)
+    Settings = LoadSettings
 
     def explain(self, ctx: BuildContext) -> list[str]:
         cls = getattr(ctx.model_class, "__name__", str(ctx.model_class))
-        deferred = bool(ctx.options.get("deferred"))
+        settings = ctx.settings(self.name)
+        deferred = settings.deferred
         weights = None if deferred else _local_weights(ctx)
+        ctx.dtype = build_dtype(ctx)
         dtype = _explain_dtype(ctx, weights)
         # The architecture on the meta device: exact parameter count and names, at no memory
         # cost. Later stages' explain() see it as ctx.model. (torch.device("meta"), not
@@ -44,7 +74,7 @@ class LoadStage(Stage):
             model = ctx.model_class.from_config(copy.deepcopy(ctx.config), dtype=torch_dtype(dtype))
         ctx.model = model
         n = sum(p.numel() for p in model.parameters())
-        device = "meta" if deferred and not ctx.zero3 else ctx.options.get("device") or "cpu"
+        device = "meta" if deferred and not ctx.zero3 else settings.device or "cpu"
         ctx.fact("parameters", n)
         ctx.fact("dtype", dtype)
         if not ctx.zero3:
@@ -61,17 +91,19 @@ class LoadStage(Stage):
         return lines + _explain_weights(ctx, model, weights)
 
     def run(self, ctx: BuildContext) -> None:
+        settings = ctx.settings(self.name)
         config = copy.deepcopy(ctx.config)  # from_config/from_pretrained mutate the config they get
-        dtype = torch_dtype(ctx.options.get("dtype"))
+        ctx.dtype = build_dtype(ctx)
+        dtype = torch_dtype(ctx.dtype)
         kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-        if ctx.options.get("deferred"):
+        if settings.deferred:
             if kwargs.get("dtype") == "auto":
                 # from_config has no "auto": build in the config's dtype; the checkpoint
                 # stage then keeps each tensor's dtype as the checkpoint stores it.
                 del kwargs["dtype"]
             ctx.model = self._architecture(ctx, config, kwargs)
             return
-        if ctx.zero3 and ctx.options.get("zero3_partition_loader", True):
+        if ctx.zero3 and settings.partition_loader:
             from ..zero3 import load_pretrained_partitioned
 
             # Each rank reads only the safetensors rows of its own partitions; None: use from_pretrained.
@@ -80,7 +112,7 @@ class LoadStage(Stage):
                 ctx.model = model
                 ctx.note(f"{type(model).__name__} built partitioned, no weight init; filled from {ctx.model_name_or_path}")
                 return
-        device = ctx.options.get("device")
+        device = settings.device
         if device and not ctx.zero3:
             kwargs["device_map"] = device
         model, info = ctx.model_class.from_pretrained(
@@ -108,13 +140,14 @@ class LoadStage(Stage):
         )
 
     def _architecture(self, ctx: BuildContext, config: Any, kwargs: dict[str, Any]) -> Any:
-        if ctx.zero3 and ctx.options.get("checkpoint") and ctx.options.get("checkpoint_strict", True):
+        checkpoint = ctx.settings("checkpoint")
+        if ctx.zero3 and checkpoint.path is not None and checkpoint.strict:
             from ..zero3 import build_partitioned
 
             # A strict checkpoint fills every weight or fails the build: partition without
             # transformers' ZeRO-3 init (gather, init on rank 0, broadcast) it would overwrite.
             model = build_partitioned(ctx.model_class, config, kwargs.get("dtype"))
-            ctx.state["zero3_values_undefined"] = True
+            ctx.values_undefined = True
             ctx.note(f"{type(model).__name__} built partitioned with no weight init; the strict checkpoint fills it")
         elif ctx.zero3:
             # transformers' from_config builds under deepspeed.zero.Init, partitioned.
@@ -129,12 +162,24 @@ class LoadStage(Stage):
             # init_empty_weights re-creates every registered parameter, which unties
             # the tied ones (lm_head from embed_tokens); tie them again, still on meta.
             model.tie_weights()
-            ctx.state["meta_build"] = True
             ctx.note(f"{type(model).__name__}.from_config on the meta device: no weight init spent")
         for name, _ in model.named_parameters():
             ctx.report.provenance[name] = PROVENANCE_UNINITIALIZED
         _facts(ctx, model)
         return model
+
+
+def build_dtype(ctx: BuildContext) -> str | None:
+    """The dtype the build makes the weights in: the DeepSpeed config's under ZeRO-3, else the setting.
+
+    Under ZeRO-3 every partition must share the config's dtype (the zero stage's check refuses a
+    setting that contradicts it); "auto" would let from_pretrained pick the checkpoint's.
+    """
+    if ctx.zero3:
+        from ..zero3 import ds_dtype_name
+
+        return ds_dtype_name(ctx.ds_config)
+    return ctx.settings("load").dtype
 
 
 def _facts(ctx: BuildContext, model: Any) -> None:
@@ -174,7 +219,7 @@ def _explain_weights(ctx: BuildContext, model: Any, weights: CheckpointSummary) 
 
 def _explain_dtype(ctx: BuildContext, weights: CheckpointSummary | None) -> str:
     """The dtype the model will have: the option, else the config's, else the checkpoint's (``auto``)."""
-    dtype = ctx.options.get("dtype")
+    dtype = build_dtype(ctx)
     if dtype not in (None, "auto"):
         return str(dtype)
     configured = getattr(ctx.config, "dtype", None)

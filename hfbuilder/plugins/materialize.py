@@ -153,31 +153,31 @@ class MaterializeStage(Stage):
     name = "materialize"
     after = ("resize", "head", "checkpoint")
 
-    def enabled(self, options: dict[str, Any]) -> bool:
-        return bool(options.get("deferred"))
+    def enabled(self, settings: Any) -> bool:
+        return settings("load").deferred
 
     def explain(self, ctx: BuildContext) -> list[str]:
         if ctx.zero3:
             return ["nothing: under ZeRO-3 transformers initializes inside zero.Init"]
-        if ctx.options.get("checkpoint") is None:
+        if ctx.settings("checkpoint").path is None:
             ctx.warn(NO_CHECKPOINT)
             return ["initialize every weight with the model's _init_weights (no checkpoint)"]
         return ["initialize whatever the checkpoint did not fill (reported by name)"]
 
     def run(self, ctx: BuildContext) -> None:
-        has_checkpoint = ctx.options.get("checkpoint") is not None
+        has_checkpoint = ctx.settings("checkpoint").path is not None
         if not has_checkpoint:
             ctx.warn(NO_CHECKPOINT)
         if ctx.zero3:
             ctx.note("ZeRO-3: transformers initialized the model inside zero.Init; nothing to materialize")
             return
-        device = ctx.options.get("device")
+        device = ctx.settings("load").device
         device = "cpu" if device in (None, "meta") else device
         names = materialize(ctx.model, device)
         if device != "cpu":
             ctx.model.to(device)  # buffers were built on the CPU (init_empty_weights(include_buffers=False))
-        pending = ctx.state.pop("pending_rows", {})
-        rows = fill_grown_rows(ctx.model, pending, bool(ctx.options.get("mean_resizing", True)))
+        pending, ctx.rows_to_fill = ctx.rows_to_fill, {}
+        rows = fill_grown_rows(ctx.model, pending, ctx.settings("resize").mean_resizing)
         initialized = set(names)
         for name, _ in ctx.model.named_parameters():
             if name in initialized or (ctx.report.provenance.get(name, "").startswith("uninitialized")):
@@ -189,7 +189,7 @@ class MaterializeStage(Stage):
         if names:
             ctx.note(f"initialized {len(names)} tensor(s) with the model's _init_weights: {', '.join(shown)}")
         if rows:
-            how = "the mean of the loaded rows" if ctx.options.get("mean_resizing", True) else "a normal init"
+            how = "the mean of the loaded rows" if ctx.settings("resize").mean_resizing else "a normal init"
             ctx.note(f"filled rows added by resize with {how}: {', '.join(rows)}")
         if has_checkpoint and names:
             ctx.warn(f"the checkpoint did not provide {len(names)} tensor(s); they were initialized: {', '.join(shown)}")

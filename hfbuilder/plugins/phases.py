@@ -2,8 +2,8 @@
 
 ``builder.for_phase(name, **options)`` looks the phase up through the
 ``hfbuilder_phases`` hook; a plugin that returns a phase with the same name
-replaces the built-in one. A phase only sets options, heads and stages on the
-builder it gets, so the result can still be changed (``.without_stage(...)``...).
+replaces the built-in one. A phase is data: settings per stage and a head, which the builder
+applies, so the result can still be changed (``.without_stage(...)``...).
 
 ================  =====================  ===============================================
 phase             DeepSpeed-Chat step    what it sets
@@ -19,109 +19,30 @@ phase             DeepSpeed-Chat step    what it sets
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
-
-from ..errors import BuilderInputError
 from ..hookspecs import hookimpl
 from ..stage import Phase
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..builder import ModelBuilder
+#: What every phase takes: another model path, the dropout, LoRA adapters (a dict of with_lora arguments).
+_LM = ("model_name_or_path", "dropout", "lora")
+#: The reward head's options, with DeepSpeed-Chat's defaults.
+_REWARD = {"num_padding_at_beginning": 0, "compute_fp32_loss": False}
+_EVAL = {"dropout": {"p": 0.0}, "freeze": {"enabled": True}}
 
-
-def _take(phase: str, options: dict[str, Any], allowed: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise BuilderInputError(f"phase {phase!r} has no option(s) {unknown}; it takes {sorted(allowed)}")
-    return {**allowed, **options}
-
-
-def _common(builder: ModelBuilder, o: dict[str, Any]) -> ModelBuilder:
-    if o.get("model_name_or_path") is not None:
-        path = o["model_name_or_path"]
-        if not isinstance(path, (str, os.PathLike)):
-            raise BuilderInputError(f"model_name_or_path must be a path, got {path!r}")
-        builder = replace(builder, model_name_or_path=os.fspath(path))
-    if o.get("dropout") is not None:
-        builder = builder.with_dropout(o["dropout"])
-    if o.get("lora") is not None:
-        if not isinstance(o["lora"], Mapping):
-            raise BuilderInputError(f"lora must be a dict of with_lora() arguments, got {o['lora']!r}")
-        builder = builder.with_lora(**o["lora"])
-    return builder
-
-
-_LM = {"model_name_or_path": None, "dropout": None, "lora": None}
-_HEAD = {**_LM, "num_padding_at_beginning": 0, "compute_fp32_loss": False}
-
-
-def _reward_head(builder: ModelBuilder, o: dict[str, Any]) -> ModelBuilder:
-    return builder.with_head(
-        "reward", num_padding_at_beginning=o["num_padding_at_beginning"], compute_fp32_loss=o["compute_fp32_loss"]
-    )
-
-
-class SftPhase(Phase):
-    name = "sft"
-    description = "step 1: the causal LM to fine-tune (DeepSpeed-Chat's create_hf_model)"
-
-    def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
-        return _common(builder, _take(self.name, options, _LM))
-
-
-class RewardPhase(Phase):
-    name = "reward"
-    description = "step 2: the pretrained base model with a fresh reward head, to be trained"
-
-    def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
-        o = _take(self.name, options, _HEAD)
-        return _reward_head(_common(builder, o), o)
-
-
-class ActorPhase(Phase):
-    name = "actor"
-    description = "step 3: the actor, a causal LM from the SFT output with the actor's dropout"
-
-    def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
-        return _common(builder, _take(self.name, options, _LM))
-
-
-class ReferencePhase(Phase):
-    name = "reference"
-    description = "step 3: the reference model, the SFT output frozen in eval mode with dropout 0"
-
-    def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
-        o = _take(self.name, options, {"model_name_or_path": None})
-        return _common(builder, o).with_dropout(0.0).frozen()
-
-
-class CriticPhase(Phase):
-    name = "critic"
-    description = "step 3: the critic, the step-2 reward model loaded from its checkpoint (deferred weights)"
-
-    def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
-        o = _take(self.name, options, {**_HEAD, "checkpoint": None})
-        builder = _reward_head(_common(builder, o), o)
-        return builder.with_checkpoint(o["checkpoint"])  # None: the (new) model_name_or_path
-
-
-class RewardEvalPhase(Phase):
-    name = "reward_eval"
-    description = "step 3: the reward model that scores rollouts; like critic, frozen in eval mode with dropout 0"
-
-    def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
-        allowed = {k: v for k, v in _HEAD.items() if k not in ("dropout", "lora")}
-        o = _take(self.name, options, {**allowed, "checkpoint": None})
-        builder = _reward_head(_common(builder, o), o)
-        return builder.with_checkpoint(o["checkpoint"]).with_dropout(0.0).frozen()
-
-
-PHASES: tuple[type[Phase], ...] = (SftPhase, RewardPhase, ActorPhase, ReferencePhase, CriticPhase, RewardEvalPhase)
+PHASES: tuple[Phase, ...] = (
+    Phase("sft", "step 1: the causal LM to fine-tune (DeepSpeed-Chat's create_hf_model)", parameters=_LM),
+    Phase("reward", "step 2: the pretrained base model with a fresh reward head, to be trained",
+          head="reward", head_options=_REWARD, parameters=_LM),
+    Phase("actor", "step 3: the actor, a causal LM from the SFT output with the actor's dropout", parameters=_LM),
+    Phase("reference", "step 3: the reference model, the SFT output frozen in eval mode with dropout 0",
+          settings=_EVAL, parameters=("model_name_or_path",)),
+    Phase("critic", "step 3: the critic, the step-2 reward model loaded from its checkpoint (deferred weights)",
+          head="reward", head_options=_REWARD, checkpoint=True, parameters=(*_LM, "checkpoint")),
+    Phase("reward_eval", "step 3: the reward model that scores rollouts; like critic, frozen in eval mode with "
+          "dropout 0", settings=_EVAL, head="reward", head_options=_REWARD, checkpoint=True,
+          parameters=("model_name_or_path", "checkpoint")),
+)
 
 
 @hookimpl
 def hfbuilder_phases() -> list[Phase]:
-    return [cls() for cls in PHASES]
+    return list(PHASES)

@@ -57,7 +57,7 @@ def _cuda() -> Any:
 
 def _cuda_device(ctx: BuildContext) -> str | None:
     """The CUDA device the build fills (``on_device("cuda:1")``), or None for the current one."""
-    device = ctx.options.get("device")
+    device = ctx.settings("load").device
     return device if isinstance(device, str) and device.startswith("cuda") else None
 
 

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from ..context import PROVENANCE_RESIZED, BuildContext
 from ..errors import BuilderInputError
 from ..hookspecs import hookimpl
+from ..settings import Settings, setting
 from ..stage import Stage
+
+
+@dataclass(frozen=True)
+class ResizeSettings(Settings):
+    multiple: int = setting(8, min=1, max=1 << 16, doc="round len(tokenizer) up to a multiple of this")
+    allow_shrink: bool = setting(False, doc="shrink a vocabulary already larger than needed (DeepSpeed-Chat "
+                                            "does; Qwen's padded vocabularies are kept otherwise)")
+    mean_resizing: bool = setting(True, option="mean_resizing", doc="new rows start at the mean of the old ones (transformers' "
+                                            "default); False: the model's init")
 
 
 def target_vocab(n_tokens: int, current: int | None, multiple: int, allow_shrink: bool) -> int:
@@ -32,32 +43,21 @@ def mark_resized(ctx: BuildContext, model, old: int, new: int) -> None:
 
 
 class ResizeStage(Stage):
-    """``resize_token_embeddings`` to ``multiple * ceil(len(tokenizer) / multiple)``.
-
-    Options: ``resize_multiple`` (default 8); ``resize_allow_shrink`` (default False:
-    a vocabulary already larger, such as Qwen2's padded one, is kept; DeepSpeed-Chat
-    shrinks it); ``mean_resizing`` (default True, transformers' default).
-    """
+    """``resize_token_embeddings`` to ``multiple * ceil(len(tokenizer) / multiple)``."""
 
     name = "resize"
+    Settings = ResizeSettings
     after = ("token_align",)
 
     def check(self, ctx: BuildContext) -> None:
-        multiple = ctx.options.get("resize_multiple", 8)
-        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-            raise BuilderInputError(f"resize_multiple must be a positive int, got {multiple!r}")
         try:
             len(ctx.tokenizer)
         except TypeError:
             raise BuilderInputError(f"the tokenizer {type(ctx.tokenizer).__name__} has no len()") from None
 
     def _target(self, ctx: BuildContext, current: int | None) -> int:
-        return target_vocab(
-            len(ctx.tokenizer),
-            current,
-            ctx.options.get("resize_multiple", 8),
-            bool(ctx.options.get("resize_allow_shrink", False)),
-        )
+        settings = ctx.settings(self.name)
+        return target_vocab(len(ctx.tokenizer), current, settings.multiple, settings.allow_shrink)
 
     def _decide(self, ctx: BuildContext, current: int | None) -> int:
         """The target vocabulary, with the facts and the shrink warning that explain and run share."""
@@ -73,7 +73,7 @@ class ResizeStage(Stage):
         target = self._decide(ctx, current)
         n_tok = len(ctx.tokenizer)
         if current is None or target == current:
-            rounded = target_vocab(n_tok, None, ctx.options.get("resize_multiple", 8), True)
+            rounded = target_vocab(n_tok, None, ctx.settings(self.name).multiple, True)
             why = f"kept though {rounded} would do: resize_allow_shrink is off" if current and current > rounded else "unchanged"
             return [f"vocabulary stays {current} ({why}; len(tokenizer) = {n_tok})"]
         model = ctx.model
@@ -83,10 +83,10 @@ class ResizeStage(Stage):
             before = sum(p.numel() for p in model.parameters())
             model.resize_token_embeddings(target, mean_resizing=False)
             ctx.fact("parameters_added", sum(p.numel() for p in model.parameters()) - before)
-        if ctx.options.get("deferred") and not ctx.zero3:
+        if ctx.settings("load").deferred and not ctx.zero3:
             how = "deferred, filled by the checkpoint or materialize stage"
         else:
-            how = "mean-initialized" if ctx.options.get("mean_resizing", True) else "randomly initialized"
+            how = "mean-initialized" if ctx.settings(self.name).mean_resizing else "randomly initialized"
         new = f"; rows {current}:{target} {how}" if target > current else ""
         return [f"resize_token_embeddings {current} -> {target} (len(tokenizer) = {n_tok}){new}"]
 
@@ -99,7 +99,7 @@ class ResizeStage(Stage):
             # Not even transformers' resize: under ZeRO-3 it rebuilds the matrices at the same size.
             ctx.note(f"vocabulary already {current}: unchanged")
             return
-        mean_resizing = bool(ctx.options.get("mean_resizing", True))
+        mean_resizing = ctx.settings(self.name).mean_resizing
         # A deferred build has its embeddings on the meta device: there are no rows to
         # average yet. The new rows stay deferred; the checkpoint or materialize stage fills them.
         deferred = not ctx.zero3 and weight.is_meta
@@ -107,7 +107,7 @@ class ResizeStage(Stage):
             from ..zero3 import resize_token_embeddings
 
             # Built for a strict checkpoint, the old rows hold no values yet: nothing to average.
-            undefined = bool(ctx.state.get("zero3_values_undefined"))
+            undefined = ctx.values_undefined
             resize_token_embeddings(model, target, ctx.ds_config, mean_resizing=mean_resizing and not undefined)
             how = "partitioned; new rows drawn on rank 0 and broadcast"
             if undefined:
@@ -120,7 +120,7 @@ class ResizeStage(Stage):
             if deferred:
                 matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
                             if m is not None}
-                ctx.state["resized_rows"] = [(w, current, target) for w in matrices.values()]
+                ctx.resized_rows = [(w, current, target) for w in matrices.values()]
                 ctx.note(f"rows {current}:{target} deferred (meta device) until the checkpoint or materialize stage")
         ctx.note(f"resize_token_embeddings {current} -> {target} ({how})")
 

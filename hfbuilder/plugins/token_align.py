@@ -33,7 +33,7 @@ class TokenAlignStage(Stage):
     def explain(self, ctx: BuildContext) -> list[str]:
         eos = ctx.tokenizer.eos_token_id
         tok = ctx.tokenizer
-        generation = _generation_ids(ctx) if not ctx.options.get("deferred") else None
+        generation = _generation_ids(ctx) if not ctx.settings("load").deferred else None
         sources = {
             "tokenizer": {"eos": eos, "pad": getattr(tok, "pad_token_id", None), "bos": getattr(tok, "bos_token_id", None)},
             "config": {k: getattr(ctx.config, f"{k}_token_id", None) for k in ("eos", "pad", "bos")},

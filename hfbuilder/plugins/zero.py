@@ -29,8 +29,6 @@ from ..zero3 import (
     partition_unpartitioned,
 )
 
-_ACTIVE = "hf_deepspeed_config"
-
 
 class ZeroStage(Stage):
     """With ZeRO-3, activates ``HfDeepSpeedConfig`` until the build ends.
@@ -49,7 +47,7 @@ class ZeroStage(Stage):
         if importlib.util.find_spec("deepspeed") is None:
             raise BuilderInputError("a ZeRO-3 build needs deepspeed installed (pip install deepspeed)")
         wanted = ds_dtype_name(ctx.ds_config)
-        given = ctx.options.get("dtype")
+        given = ctx.settings("load").dtype
         if given not in (None, "auto", wanted):
             raise BuilderInputError(
                 f"with_dtype({given!r}) contradicts the ZeRO-3 config, which partitions every parameter in "
@@ -61,10 +59,9 @@ class ZeroStage(Stage):
         ctx.fact("zero3", ctx.zero3)
         if not ctx.zero3:
             return ["ZeRO-3 off" + (" (DeepSpeed config without stage 3)" if ctx.ds_config else "")]
-        ctx.options.setdefault("dtype", ds_dtype_name(ctx.ds_config))  # as run() does, for the later stages
         return [
             f"ZeRO-3 on: HfDeepSpeedConfig active for this build only; parameters partitioned over the ranks, "
-            f"dtype {ctx.options['dtype']}",
+            f"dtype {ds_dtype_name(ctx.ds_config)}",
             "after every stage: partition what the stage left unpartitioned (rank 0's values)",
         ]
 
@@ -80,13 +77,14 @@ class ZeroStage(Stage):
 
         def restore() -> None:
             hf_ds._hf_deepspeed_config_weak_ref = previous
-            ctx.state.pop(_ACTIVE, None)
+            ctx.partitioning = False
 
         ctx.call_on_exit(restore)  # before the constructor sets the global: restored even if it raises
-        ctx.state[_ACTIVE] = hf_ds.HfDeepSpeedConfig(ctx.ds_config)  # the strong reference; sets the weak one
-        dtype = ds_dtype_name(ctx.ds_config)
-        ctx.options["dtype"] = dtype  # "auto" would let from_pretrained pick the checkpoint's dtype
-        ctx.note(f"HfDeepSpeedConfig active for this build; dtype {dtype}")
+        # transformers holds only a weak reference: the closure below keeps the object alive until restore.
+        strong = hf_ds.HfDeepSpeedConfig(ctx.ds_config)
+        ctx.call_on_exit(lambda: strong)
+        ctx.partitioning = True
+        ctx.note(f"HfDeepSpeedConfig active for this build; dtype {ds_dtype_name(ctx.ds_config)}")
 
 
 @hookimpl
@@ -105,7 +103,7 @@ def hfbuilder_after_stage(stage: Stage, ctx: BuildContext) -> list[str] | None:
         if not added:
             return None
         return [f"ZeRO-3: partition the {added:,} parameters {stage.name!r} adds, in {dtype}, rank 0's values"]
-    if _ACTIVE not in ctx.state or not hasattr(ctx.model, "named_parameters"):
+    if not ctx.partitioning or not hasattr(ctx.model, "named_parameters"):
         return None
     names = partition_unpartitioned(ctx.model, ctx.ds_config)
     check_one_dtype(ctx.model, ctx.ds_config, stage.name)

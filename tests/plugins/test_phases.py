@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 import hfbuilder
-from hfbuilder import BuilderInputError, ModelBuilder, Phase
+from hfbuilder import BuilderInputError, ModelBuilder, Phase, Stage
 from hfbuilder.compat import create_critic_model
 from hfbuilder.plugins.reward import RewardModel
 
@@ -94,16 +95,26 @@ def test_phase_options_are_checked(opt):
 
 
 def test_a_plugin_overrides_a_phase_by_name(opt):
-    class MyActor(Phase):
-        name = "actor"
+    @dataclass(frozen=True)
+    class MarkSettings(hfbuilder.Settings):
+        custom_actor: bool = hfbuilder.setting(False, option="custom_actor", doc="marks the custom actor")
 
-        def apply(self, builder, **options):
-            return builder.with_options(custom_actor=True)
+    class Mark(Stage):
+        name = "mark"
+        after = ("resize",)
+        Settings = MarkSettings
+
+        def run(self, ctx):
+            pass
 
     class Plugin:
         @hfbuilder.hookimpl
+        def hfbuilder_stages(self):
+            return [Mark()]
+
+        @hfbuilder.hookimpl
         def hfbuilder_phases(self):
-            return [MyActor()]
+            return [Phase("actor", settings={"mark": {"custom_actor": True}})]
 
     builder = lm_builder(opt).with_plugin(Plugin()).for_phase("actor")
     assert builder.options == {"custom_actor": True}

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from hfbuilder import ModelBuilder
 from hfbuilder.context import BuildContext
 from hfbuilder.plugins import report
+from hfbuilder.plugins.load import LoadSettings
 
 
 class FakeCuda:
@@ -69,7 +70,7 @@ def test_a_stage_that_initializes_cuda_reports_its_peak(monkeypatch):
     fake = FakeCuda(initialized=False)
     states = iter([None, fake])
     monkeypatch.setattr(report, "_cuda", lambda: next(states))
-    ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, options={"device": "cuda:1"})
+    ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, stage_settings={"load": LoadSettings(device="cuda:1")})
     from hfbuilder.context import StageRecord
 
     ctx.report.stages.append(StageRecord("load", "test"))
@@ -97,5 +98,5 @@ def test_cuda_lookup_never_imports_torch_or_starts_cuda(monkeypatch):
     ("device", "expected"), [(None, None), ("cpu", None), ("cuda", "cuda"), ("cuda:1", "cuda:1"), ("meta", None)]
 )
 def test_cuda_device_is_the_builds(device, expected):
-    ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, options={"device": device})
+    ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, stage_settings={"load": LoadSettings(device=device)})
     assert report._cuda_device(ctx) == expected
