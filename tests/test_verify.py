@@ -57,7 +57,7 @@ class CheckpointedHead(Head):
 
 
 class LoadCheckpoint(Stage):
-    """A stand-in for issue 4's checkpoint stage: loads what the file has, records it."""
+    """A checkpoint stage of a third party: loads what the file has, records it."""
 
     name = "test_checkpoint"
     after = ("head",)

@@ -33,7 +33,7 @@ def new_value_head(base: nn.Module, ctx: BuildContext) -> nn.Module:
     On a deferred build the base is on the meta device, so the head is too and
     costs nothing until the checkpoint or the ``materialize`` stage fills it. Under
     ZeRO-3 it is made inside ``deepspeed.zero.Init`` so it is partitioned like the
-    rest of the model (issue 5 owns making ranks agree on its initial values).
+    rest of the model; the zero plugin makes the ranks agree on its initial values.
     """
     from torch import nn
 
