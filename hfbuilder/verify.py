@@ -57,8 +57,9 @@ class VerifySettings(Settings):
 
     invariants: Literal["error", "warn", "off"] = setting(
         "error", option="invariants", doc="a failed invariant raises InvariantError (error), warns (warn), or is not checked (off)")
-    check_finite: Literal["written", "all"] = setting(
-        "written", option="check_finite", doc="which weights the finite check reads: those the build wrote, or every weight")
+    check_finite: Literal["auto", "written", "all"] = setting(
+        "auto", option="check_finite", doc="which weights the finite check reads: auto (every weight on an accelerator, "
+                                           "what the build wrote on the CPU), written, or all")
     expect: Mapping[str, str] = setting(
         MappingProxyType({}), option="expect", doc='your own provenance promises, {"v_head.*": "checkpoint"}, checked like a stage\'s')
 
@@ -130,19 +131,22 @@ def _finite(t: Any) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-FINITE_SCOPES = ("written", "all")
+FINITE_SCOPES = ("auto", "written", "all")
 
 
-def _in_scope(scope: str, provenance: str) -> bool:
+def _in_scope(scope: str, provenance: str, tensor: Any) -> bool:
     """Whether the ``finite`` invariant reads this parameter.
 
-    ``"written"`` (the default) reads what the build itself wrote: initialized tensors, heads,
-    adapters, resized matrices (a ``+`` modifier). Weights copied untouched from a file are the
-    file's bytes; reading them all would cost a full pass over the checkpoint (a build of a
-    memory-mapped model otherwise never touches most of its pages), so they are read only with
-    ``check_finite="all"``.
+    ``"written"`` reads what the build itself wrote: initialized tensors, heads, adapters,
+    resized matrices (a ``+`` modifier). Weights copied untouched from a file into CPU memory are
+    the file's bytes, memory-mapped: reading them all would cost a full pass over the checkpoint
+    (a CPU build otherwise never touches most of its pages), so there they are read only with
+    ``check_finite="all"``. ``"auto"`` (the default) also reads every weight that lives on an
+    accelerator: it was copied there already, and a sum in device memory costs next to nothing.
     """
     if scope == "all" or "+" in provenance:
+        return True
+    if scope == "auto" and tensor.device.type not in ("cpu", "meta"):
         return True
     return provenance_origin(provenance) not in (PROVENANCE_PRETRAINED, PROVENANCE_CHECKPOINT)
 
@@ -163,7 +167,9 @@ def check_invariants(ctx: BuildContext) -> list[InvariantResult]:
 
     scope = ctx.settings("verify").check_finite
     with torch.no_grad():
-        nonfinite = [name for name, p in params if _in_scope(scope, prov.get(name, "")) and not _finite(_local(p))]
+        nonfinite = [
+            name for name, p in params if _in_scope(scope, prov.get(name, ""), _local(p)) and not _finite(_local(p))
+        ]
     finite = _result("finite", [f"{name} holds NaN or inf" for name in nonfinite])
 
     meta = [
