@@ -264,6 +264,7 @@ class ModelBuilder:
             heads={name: head for name, (head, _) in heads.items()},
             dropout_keys=plugins.dropout_keys(),
             providers={e.name: e.provider for e in order},
+            hook=plugins.hook,
         )
         ctx.report.plan = [e.name for e in order]
         head = ctx.options.get("head")
@@ -325,9 +326,10 @@ class ModelBuilder:
                     ctx.report.warnings[seen:], str(error) if error is not None else None,
                 ))
                 if stopped is None:
+                    seen = len(ctx.report.warnings)
                     after = _after_stage(plugins, entry, ctx)
                     if after is not None:
-                        stages.append(StageExplanation(after.name, after.provider, after.actions, after.facts, [], None))
+                        stages.append(StageExplanation(after.name, after.provider, after.actions, after.facts, ctx.report.warnings[seen:], None))
         finally:
             ctx.current_stage = None
             ctx.close()

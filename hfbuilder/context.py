@@ -149,6 +149,8 @@ class BuildContext:
     dropout_keys: tuple[str, ...] = ()
     #: providers by stage name, for messages.
     providers: dict[str, str] = field(default_factory=dict)
+    #: This build's pluggy hook relay, for plugins that call hooks they own (pytest's ``config.hook``).
+    hook: Any = None
     #: free-form scratch space for cooperating plugins (e.g. the ZeRO-3 handles).
     state: dict[str, Any] = field(default_factory=dict)
     current_stage: str | None = None
