@@ -322,6 +322,7 @@ class ModelBuilder:
             heads={name: head for name, (head, _) in heads.items()},
             dropout_keys=plugins.dropout_keys(),
             providers={e.name: e.provider for e in order},
+            hook=plugins.hook,
         )
         ctx.report.plan = [e.name for e in order]
         head = settings["head"].name if "head" in settings else None

@@ -155,6 +155,8 @@ class BuildContext:
     dropout_keys: tuple[str, ...] = ()
     #: providers by stage name, for messages.
     providers: dict[str, str] = field(default_factory=dict)
+    #: This build's pluggy hook relay, for plugins that call hooks they own (pytest's ``config.hook``).
+    hook: Any = None
     #: The dtype name the floating weights are built in (``"bfloat16"``..., ``"auto"``: as stored, None:
     #: the config's). Written by the load stage (the DeepSpeed config's under ZeRO-3); read by the
     #: checkpoint stage when it converts tensors.

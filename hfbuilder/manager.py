@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "hfbuilder.plugins.config",
     "hfbuilder.plugins.dropout",
     "hfbuilder.plugins.zero",
+    "hfbuilder.plugins.moe",
     "hfbuilder.plugins.load",
     "hfbuilder.plugins.token_align",
     "hfbuilder.plugins.resize",
@@ -219,6 +220,12 @@ class Plugins:
         for key, provider in self._collect("hfbuilder_dropout_keys", str):
             out[provider]["dropout_keys"].append(key)
         return out
+
+    @property
+    def hook(self) -> Any:
+        """pluggy's hook relay, for hooks a plugin added itself (``hfbuilder_addhooks``); the core's
+        own hooks are called through the methods of this facade."""
+        return self.pm.hook
 
     def run_stage(self, stage: Stage, ctx: Any) -> Any:
         return self.pm.hook.hfbuilder_run_stage(stage=stage, ctx=ctx)

@@ -111,7 +111,8 @@ def test_every_parameter_has_a_provenance(family, model_dir, tokenizer_for):
     model, report = ModelBuilder(AutoModelForCausalLM, path, tokenizer_for(path)).build_with_report()
     assert set(report.provenance) == {name for name, _ in model.named_parameters()}
     assert {provenance_origin(v) for v in report.provenance.values()} == {PROVENANCE_PRETRAINED}
-    assert [(r.name, r.passed) for r in report.invariants] == [("finite", True), ("materialized", True), ("expected", True)]
+    assert [(r.name, r.passed) for r in report.invariants] == [
+        ("finite", True), ("materialized", True), ("expected", True), ("tied", True)]
     resized = [k for k, v in report.provenance.items() if "+resized" in v]
     assert bool(resized) == (family != "qwen2")  # qwen2's padded vocabulary is kept
 
