@@ -387,7 +387,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .explain import human_bytes
-    from .files import guess_layout, read_json, summarize
+    from .weights import guess_layout, read_json, summarize
 
     progress = None
     if not args.quiet:

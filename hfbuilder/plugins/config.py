@@ -7,9 +7,9 @@ import os
 
 from ..context import BuildContext
 from ..errors import BuilderInputError
-from ..files import FORMAT_JSON, FileInfo
 from ..hookspecs import hookimpl
 from ..stage import Stage
+from ..weights import FORMAT_JSON, FileInfo
 
 
 class ConfigStage(Stage):

@@ -7,9 +7,9 @@ import os
 from typing import Any
 
 from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
-from ..files import FORMAT_JSON, CheckpointSummary, FileInfo, checkpoint_to_model_keys, summarize
 from ..hookspecs import hookimpl
 from ..stage import Stage
+from ..weights import FORMAT_JSON, CheckpointSummary, FileInfo, map_keys, summarize
 
 
 def torch_dtype(name: Any) -> Any:
@@ -72,12 +72,18 @@ class LoadStage(Stage):
             ctx.model = self._architecture(ctx, config, kwargs)
             return
         if ctx.zero3 and ctx.options.get("zero3_partition_loader", True):
-            from ..zero3 import load_pretrained_partitioned
+            from ..zero3 import listed, load_pretrained_partitioned
 
-            # Each rank reads only the safetensors rows of its own partitions; None: use from_pretrained.
-            model = load_pretrained_partitioned(ctx, config, dtype)
-            if model is not None:
-                ctx.model = model
+            # Each rank reads only the safetensors rows of its own partitions, when it can.
+            loaded = load_pretrained_partitioned(ctx.model_name_or_path, ctx.model_class, config, dtype)
+            if loaded.model is None:
+                ctx.note(f"ZeRO-3 partition loader skipped: {loaded.skipped}; using from_pretrained")
+            else:
+                ctx.model = model = loaded.model
+                ctx.report.provenance.update(loaded.fill.provenance)
+                ctx.note(loaded.fill.describe())
+                if loaded.unused:
+                    ctx.note(f"checkpoint keys the model does not use (from_pretrained ignores them too): {listed(loaded.unused)}")
                 ctx.note(f"{type(model).__name__} built partitioned, no weight init; filled from {ctx.model_name_or_path}")
                 return
         device = ctx.options.get("device")
@@ -158,14 +164,12 @@ def _explain_weights(ctx: BuildContext, model: Any, weights: CheckpointSummary) 
     ctx.fact("files", [f.to_dict() for f in infos])
     stored = ", ".join(sorted({t.dtype for t in weights.tensors.values()}))
     lines = [f"checkpoint: {len(weights.tensors)} tensors, {weights.values:,} values, stored as {stored}"]
-    renamed = checkpoint_to_model_keys(model, weights.tensors)
-    filled = set(renamed.values())
-    missing = sorted(name for name, _ in model.named_parameters() if name not in filled)
+    keymap = map_keys(model, weights.tensors)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in keymap.filled)
     ctx.fact("missing_weights", missing)
     if missing:
         ctx.warn(f"{ctx.model_name_or_path} has no weights for {missing}; transformers will initialize them randomly")
-    state = model.state_dict()
-    unused = sorted(k for k, new in renamed.items() if new not in state)
+    unused = sorted(keymap.unused)
     if unused:
         more = " ..." if len(unused) > 5 else ""
         lines.append(f"{len(unused)} checkpoint tensor(s) the model does not use: {unused[:5]}{more}")
