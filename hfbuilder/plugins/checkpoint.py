@@ -30,6 +30,7 @@ from ..weights import (
     assign_from_checkpoint,
     check_plan,
     find_checkpoint,
+    format_conflict,
     listing,
     match_keys,
     open_checkpoint,
@@ -52,7 +53,12 @@ class CheckpointStage(Stage):
         return options.get("checkpoint") is not None
 
     def check(self, ctx: BuildContext) -> None:
-        find_checkpoint(ctx.options["checkpoint"])  # a missing or unknown checkpoint fails before any work
+        # A missing, unknown or malformed checkpoint fails before any work: opening reads and
+        # checks every header and the shard index, and no tensor data.
+        open_checkpoint(ctx.options["checkpoint"]).close()
+        conflict = format_conflict(ctx.options["checkpoint"])
+        if conflict:
+            ctx.warn(conflict)
         for key in ("checkpoint_strict", "checkpoint_mmap"):
             if not isinstance(ctx.options.get(key, True), bool):
                 raise BuilderInputError(f"{key} must be True or False, got {ctx.options[key]!r}")

@@ -9,7 +9,15 @@ from typing import Any
 from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
 from ..hookspecs import hookimpl
 from ..stage import Stage
-from ..weights import FORMAT_JSON, CheckpointSummary, FileInfo, map_keys, summarize
+from ..weights import (
+    FORMAT_JSON,
+    CheckpointSummary,
+    FileInfo,
+    check_pretrained,
+    format_conflict,
+    map_keys,
+    summarize,
+)
 
 
 def torch_dtype(name: Any) -> Any:
@@ -29,6 +37,17 @@ class LoadStage(Stage):
 
     name = "load"
     after = ("zero",)
+
+    def check(self, ctx: BuildContext) -> None:
+        # from_pretrained of a local directory: refuse bad files from their headers now, with
+        # the file and key named, rather than from inside transformers once loading is under way.
+        path = ctx.model_name_or_path
+        if ctx.options.get("deferred") or not os.path.isdir(path):
+            return
+        check_pretrained(path, _meta_architecture(ctx))
+        conflict = format_conflict(path)
+        if conflict:
+            ctx.warn(conflict)
 
     def explain(self, ctx: BuildContext) -> list[str]:
         cls = getattr(ctx.model_class, "__name__", str(ctx.model_class))
@@ -141,6 +160,24 @@ class LoadStage(Stage):
             ctx.report.provenance[name] = PROVENANCE_UNINITIALIZED
         _facts(ctx, model)
         return model
+
+
+def _meta_architecture(ctx: BuildContext) -> Any:
+    """The model's architecture on the meta device, from the config the config stage will read; None if it cannot.
+
+    The config stage runs after every check; if the config cannot be read or built, that
+    stage (or this one's run) reports it, so the header checks go ahead without the model.
+    """
+    try:
+        import torch
+        from transformers import AutoConfig
+
+        config = ctx.options.get("config") or AutoConfig.from_pretrained(
+            ctx.model_name_or_path, **ctx.options.get("config_kwargs", {}))
+        with torch.device("meta"):
+            return ctx.model_class.from_config(copy.deepcopy(config))
+    except Exception:  # noqa: BLE001 - reported by the stage that owns it
+        return None
 
 
 def _facts(ctx: BuildContext, model: Any) -> None:

@@ -9,7 +9,8 @@ torch, transformers and safetensors are imported only when a function needs them
 from .assign import Assigned, assign_from_checkpoint
 from .binfile import load_bin
 from .keys import KeyMap, map_keys
-from .match import ALWAYS_IGNORED_UNEXPECTED, LoadPlan, check_plan, listing, match_keys
+from .match import ALWAYS_IGNORED_UNEXPECTED, LoadPlan, check_plan, dtype_kind, listing, match_keys
+from .policy import check_pretrained, format_conflict
 from .reader import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -57,7 +58,10 @@ __all__ = [
     "TensorInfo",
     "assign_from_checkpoint",
     "check_plan",
+    "check_pretrained",
+    "dtype_kind",
     "find_checkpoint",
+    "format_conflict",
     "guess_layout",
     "listing",
     "load_bin",

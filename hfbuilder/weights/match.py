@@ -42,6 +42,10 @@ class LoadPlan:
     renamed: dict[str, str] = field(default_factory=dict)
     #: checkpoint keys transformers would convert (merge or split), which a plain load cannot; also unexpected.
     converted: list[str] = field(default_factory=list)
+    #: (name, checkpoint dtype, model dtype) where one is a float and the other is not: bytes that would load as garbage.
+    wrong_dtype: list[tuple[str, str, str]] = field(default_factory=list)
+    #: model name -> the file its checkpoint tensor is in, for the names listed as problems above.
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def listing(names: list[str]) -> str:
@@ -62,6 +66,14 @@ def _ignore_patterns(model: Any) -> tuple[re.Pattern[str] | None, re.Pattern[str
         return re.compile("|".join(f"(?:{p})" for p in sorted(patterns))) if patterns else None
 
     return compile_(missing), compile_(unexpected)
+
+
+def dtype_kind(dtype: str) -> str:
+    """"float", "complex", "bool" or "int": values of one kind cannot be read as another."""
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype.startswith(("float", "bfloat")):
+        return "float"
+    return "complex" if dtype.startswith("complex") else "bool" if dtype == "bool" else "int"
 
 
 def match_keys(model: Any, reader: Reader, grown: Mapping[int, tuple[int, int]] | None = None, *,
@@ -93,19 +105,27 @@ def match_keys(model: Any, reader: Reader, grown: Mapping[int, tuple[int, int]] 
                 plan.missing.append(names[0])
             continue
         name, want = present[0], group.shape
-        have = tuple(reader.info(where[name]).shape)
+        info = reader.info(where[name])
+        have = tuple(info.shape)
+        model_dtype = str(group.tensor.dtype).removeprefix("torch.")
+        if dtype_kind(info.dtype) != dtype_kind(model_dtype):
+            plan.wrong_dtype.append((name, info.dtype, model_dtype))
+            plan.files[name] = info.file
+            continue
         if have != want:
             rows = grown.get(id(group.tensor))
             if rows is not None and have == (rows[0], *want[1:]) and want[0] == rows[1]:
                 plan.partial_rows[name] = rows
             else:
                 plan.mismatched.append((name, have, want))
+                plan.files[name] = info.file
                 continue
         plan.sources[name] = where[name]
         for other in present[1:]:
-            shape = tuple(reader.info(where[other]).shape)
-            if shape != have:
-                plan.mismatched.append((other, shape, want))
+            other_info = reader.info(where[other])
+            if tuple(other_info.shape) != have:
+                plan.mismatched.append((other, tuple(other_info.shape), want))
+                plan.files[other] = other_info.file
     used = set(where.values())
     for key in keys:
         if key not in used:
@@ -148,10 +168,18 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
     )
 
 
+def _where(plan: LoadPlan, name: str, source: str) -> str:
+    """Which file and key a problem is in, when the message would not say it otherwise."""
+    key = plan.renamed.get(name, name)
+    file = plan.files.get(name, "")
+    parts = ([f"key {key!r}"] if key != name else []) + ([f"in {file}"] if file and file != source else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def check_plan(plan: LoadPlan, *, strict: bool, source: str, model_name: str) -> list[str]:
     """Raise a :class:`CheckpointError` listing every problem; return what to warn about instead.
 
-    Shape mismatches are always errors. Missing and unexpected keys are errors when
+    Shape mismatches and dtypes of another kind (integers where the model has floats) are always errors. Missing and unexpected keys are errors when
     ``strict``, warnings otherwise. ``source`` names the checkpoint, ``model_name`` the model.
     """
     problems = []
@@ -160,8 +188,12 @@ def check_plan(plan: LoadPlan, *, strict: bool, source: str, model_name: str) ->
     if plan.unexpected and strict:
         problems.append(f"unexpected in the checkpoint ({len(plan.unexpected)}): {listing(plan.unexpected)}")
     if plan.mismatched:
-        shown = [f"{n}: checkpoint {list(have)} vs model {list(want)}" for n, have, want in plan.mismatched]
+        shown = [f"{n}: checkpoint {list(have)} vs model {list(want)}{_where(plan, n, source)}"
+                 for n, have, want in plan.mismatched]
         problems.append(f"shape mismatch ({len(shown)}): {listing(shown)}")
+    if plan.wrong_dtype:
+        shown = [f"{n}: checkpoint {have} vs model {want}{_where(plan, n, source)}" for n, have, want in plan.wrong_dtype]
+        problems.append(f"dtype of another kind ({len(shown)}; its bytes would load as garbage): {listing(shown)}")
     if problems:
         raise CheckpointError(
             f"checkpoint {source} does not match {model_name}:\n  "
@@ -178,4 +210,4 @@ def check_plan(plan: LoadPlan, *, strict: bool, source: str, model_name: str) ->
     return warnings
 
 
-__all__ = ["ALWAYS_IGNORED_UNEXPECTED", "LoadPlan", "check_plan", "listing", "match_keys"]
+__all__ = ["ALWAYS_IGNORED_UNEXPECTED", "LoadPlan", "check_plan", "dtype_kind", "listing", "match_keys"]

@@ -43,7 +43,9 @@ SEARCH_ORDER: tuple[tuple[str, str], ...] = (
 SAFE_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64",
 }  # fmt: skip
 
 
@@ -156,15 +158,22 @@ class CheckpointReader:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        from .shards import shard_map
+        from .shards import check_shards, shard_map
 
         self.path = os.fspath(path)
         self.format, self.file = find_checkpoint(self.path)
         self._handles: dict[tuple[str, str], Any] = {}  # (shard, device) -> safe_open handle or .bin dict
         self._info: dict[str, TensorInfo] = {}
         self._weight_map: dict[str, str] = {}
-        for shard in shard_map(self.file):
-            for key, info in self._read_headers(shard).items():
+        # Every header is read and checked now, before any tensor: an index that names a file
+        # outside the directory, a shard that disagrees with the index or a header that
+        # disagrees with its data is refused before a caller acts on half of it.
+        shards = shard_map(self.file)
+        found = {shard: self._read_headers(shard) for shard in shards}
+        if self.file.endswith(".index.json"):
+            check_shards(self.file, {s: keys or [] for s, keys in shards.items()}, {s: list(h) for s, h in found.items()})
+        for shard, headers in found.items():
+            for key, info in headers.items():
                 self._weight_map[key] = shard
                 self._info[key] = info
 
@@ -255,10 +264,13 @@ class CheckpointReader:
 def _open_safetensors(file: str, device: str = "cpu") -> Any:
     from safetensors import SafetensorError, safe_open
 
+    from .safeheader import diagnose
+
     try:
         return safe_open(file, framework="pt", device=device)
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read safetensors file {file!r}: {exc}") from exc
+        detail = diagnose(file) if isinstance(exc, SafetensorError) else None
+        raise CheckpointError(f"cannot read safetensors file {file!r}: {detail or exc}") from exc
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError
-from .reader import CheckpointReader, TensorInfo
+from .reader import CheckpointReader, TensorInfo, find_checkpoint
 
 #: Bytes per element of each torch dtype name, for memory estimates.
 DTYPE_BYTES: dict[str, int] = {
@@ -76,12 +76,13 @@ def summarize(path: str | os.PathLike[str], progress: Callable[[Iterable[str]], 
     """Format, files and every tensor's shape and dtype; ``progress`` wraps the keys (e.g. ``tqdm``)."""
     path = os.fspath(path)
     try:
-        reader = CheckpointReader(path)
-    except CheckpointError:
+        find_checkpoint(path)
+    except CheckpointError:  # no standard name: a lone weights file is read, anything else refused as it was
         single = _single_weights_file(path)
         if single == path:
             raise
-        reader = CheckpointReader(single)
+        path = single
+    reader = CheckpointReader(path)
     with reader:
         fmt = _FORMATS[reader.format]
         index = [FileInfo.of(reader.file, FORMAT_JSON)] if reader.file.endswith(".json") else []

@@ -159,6 +159,9 @@ def load_pretrained_partitioned(path: str, model_class: Any, config: Any, dtype:
     with open_checkpoint(path) as reader:
         model = build_partitioned(model_class, config, dtype)
         plan = match_keys(model, reader, prefixes=True)
+        if plan.wrong_dtype:  # hostile or broken: from_pretrained must not get a second chance at it
+            check_plan(LoadPlan(wrong_dtype=plan.wrong_dtype, files=plan.files), strict=True, source=reader.file,
+                       model_name=type(model).__name__)
         uncovered = [g.name for g in tensor_groups(model) if not any(n in plan.sources for n in g.names)]
         why = None
         if plan.converted:
