@@ -415,7 +415,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .explain import human_bytes
-    from .files import guess_layout, read_json, summarize
+    from .weights import format_conflict, guess_layout, read_json, summarize
 
     progress = None
     if not args.quiet:
@@ -426,6 +426,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     with stdout_to_stderr():
         ckpt = summarize(args.checkpoint, progress)
+    conflict = format_conflict(args.checkpoint)
+    if conflict:
+        log.warning("%s", conflict)
     folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
     config = read_json(os.path.join(folder, "config.json"))
     layout = guess_layout(ckpt.tensors, config)

@@ -11,10 +11,10 @@ from typing import Any
 
 from ..context import BuildContext
 from ..errors import BuilderInputError
-from ..files import FORMAT_JSON, FileInfo
 from ..hookspecs import hookimpl
 from ..settings import Settings, setting
 from ..stage import Stage
+from ..weights import FORMAT_JSON, FileInfo
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,18 @@ from typing import Any, Literal
 
 from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
 from ..errors import BuilderInputError
-from ..files import FORMAT_JSON, CheckpointSummary, FileInfo, checkpoint_to_model_keys, summarize
 from ..hookspecs import hookimpl
 from ..settings import Settings, setting
 from ..stage import Stage
+from ..weights import (
+    FORMAT_JSON,
+    CheckpointSummary,
+    FileInfo,
+    check_pretrained,
+    format_conflict,
+    map_keys,
+    summarize,
+)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "npu", "hpu", "meta")
@@ -57,6 +65,17 @@ class LoadStage(Stage):
     name = "load"
     after = ("zero",)
     Settings = LoadSettings
+
+    def check(self, ctx: BuildContext) -> None:
+        # from_pretrained of a local directory: refuse bad files from their headers now, with
+        # the file and key named, rather than from inside transformers once loading is under way.
+        path = ctx.model_name_or_path
+        if ctx.settings(self.name).deferred or not os.path.isdir(path):
+            return
+        check_pretrained(path, _meta_architecture(ctx))
+        conflict = format_conflict(path)
+        if conflict:
+            ctx.warn(conflict)
 
     def explain(self, ctx: BuildContext) -> list[str]:
         cls = getattr(ctx.model_class, "__name__", str(ctx.model_class))
@@ -104,12 +123,18 @@ class LoadStage(Stage):
             ctx.model = self._architecture(ctx, config, kwargs)
             return
         if ctx.zero3 and settings.partition_loader:
-            from ..zero3 import load_pretrained_partitioned
+            from ..zero3 import listed, load_pretrained_partitioned
 
-            # Each rank reads only the safetensors rows of its own partitions; None: use from_pretrained.
-            model = load_pretrained_partitioned(ctx, config, dtype)
-            if model is not None:
-                ctx.model = model
+            # Each rank reads only the safetensors rows of its own partitions, when it can.
+            loaded = load_pretrained_partitioned(ctx.model_name_or_path, ctx.model_class, config, dtype)
+            if loaded.model is None:
+                ctx.note(f"ZeRO-3 partition loader skipped: {loaded.skipped}; using from_pretrained")
+            else:
+                ctx.model = model = loaded.model
+                ctx.report.provenance.update(loaded.fill.provenance)
+                ctx.note(loaded.fill.describe())
+                if loaded.unused:
+                    ctx.note(f"checkpoint keys the model does not use (from_pretrained ignores them too): {listed(loaded.unused)}")
                 ctx.note(f"{type(model).__name__} built partitioned, no weight init; filled from {ctx.model_name_or_path}")
                 return
         device = settings.device
@@ -182,6 +207,25 @@ def build_dtype(ctx: BuildContext) -> str | None:
     return ctx.settings("load").dtype
 
 
+def _meta_architecture(ctx: BuildContext) -> Any:
+    """The model's architecture on the meta device, from the config the config stage will read; None if it cannot.
+
+    The config stage runs after every check; if the config cannot be read or built, that
+    stage (or this one's run) reports it, so the header checks go ahead without the model.
+    """
+    try:
+        import torch
+        from transformers import AutoConfig
+
+        settings = ctx.settings("config")
+        config = settings.config or AutoConfig.from_pretrained(
+            ctx.model_name_or_path, **settings.kwargs, trust_remote_code=settings.trust_remote_code)
+        with torch.device("meta"):
+            return ctx.model_class.from_config(copy.deepcopy(config))
+    except Exception:  # noqa: BLE001 - reported by the stage that owns it
+        return None
+
+
 def _facts(ctx: BuildContext, model: Any) -> None:
     """The facts explain() predicts, from the model the stage made."""
     first = next(model.parameters())
@@ -203,14 +247,12 @@ def _explain_weights(ctx: BuildContext, model: Any, weights: CheckpointSummary) 
     ctx.fact("files", [f.to_dict() for f in infos])
     stored = ", ".join(sorted({t.dtype for t in weights.tensors.values()}))
     lines = [f"checkpoint: {len(weights.tensors)} tensors, {weights.values:,} values, stored as {stored}"]
-    renamed = checkpoint_to_model_keys(model, weights.tensors)
-    filled = set(renamed.values())
-    missing = sorted(name for name, _ in model.named_parameters() if name not in filled)
+    keymap = map_keys(model, weights.tensors)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in keymap.filled)
     ctx.fact("missing_weights", missing)
     if missing:
         ctx.warn(f"{ctx.model_name_or_path} has no weights for {missing}; transformers will initialize them randomly")
-    state = model.state_dict()
-    unused = sorted(k for k, new in renamed.items() if new not in state)
+    unused = sorted(keymap.unused)
     if unused:
         more = " ..." if len(unused) > 5 else ""
         lines.append(f"{len(unused)} checkpoint tensor(s) the model does not use: {unused[:5]}{more}")

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from hfbuilder import CheckpointError, ModelBuilder
-from hfbuilder.checkpoint_io import open_checkpoint
 from hfbuilder.testing import PAD_ID
+from hfbuilder.weights import open_checkpoint
 
 FAMILIES = [("opt", 1), ("llama", 0), ("gpt_neox", 0)]
 
@@ -228,9 +228,9 @@ def test_reader_keys_shapes_slices(tmp_path):
             assert reader.info("a").shape == (3, 4) and reader.info("b").dtype == "bfloat16"
             assert torch.equal(reader.get_slice("a")[1:2], tensors["a"][1:2])
             assert reader.get_slice("a").get_shape() == [3, 4]
-            assert torch.equal(reader.get_tensor("b"), tensors["b"])
+            assert torch.equal(reader.get("b"), tensors["b"])
             with pytest.raises(CheckpointError, match="no tensor 'c'"):
-                reader.get_tensor("c")
+                reader.get("c")
     torch.save([torch.zeros(1)], tmp_path / "list.bin")
     with pytest.raises(CheckpointError, match="not a flat state dict"):
         open_checkpoint(tmp_path / "list.bin")
