@@ -20,6 +20,7 @@ from .errors import (
 )
 from .explain import Explanation, StageExplanation
 from .hookspecs import hookimpl, hookspec
+from .layouts import convert
 from .stage import Head, Phase, Stage
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "StageOrderError",
     "StageRecord",
     "UnknownHeadError",
+    "convert",
     "hookimpl",
     "hookspec",
 ]

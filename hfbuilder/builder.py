@@ -148,19 +148,26 @@ class ModelBuilder:
             raise UnknownHeadError(f"with_head() needs a head name, got {name!r}")
         return self.with_options(head=name, head_options=_frozen(options))
 
-    def with_checkpoint(self, path: str | os.PathLike[str] | None = None, *, strict: bool = True) -> ModelBuilder:
+    def with_checkpoint(
+        self, path: str | os.PathLike[str] | None = None, *, strict: bool = True, layout: str = "auto"
+    ) -> ModelBuilder:
         """Load the whole (wrapped) model's weights from ``path`` strictly; implies deferred weights.
 
         ``strict=False`` turns missing and unexpected keys into warnings; what is
-        missing is then initialized and named in the report.
+        missing is then initialized and named in the report. For the reward head,
+        ``layout`` names the framework that saved the checkpoint (``"openrlhf"``,
+        ``"trl"``, ...; see :mod:`hfbuilder.layouts`); ``"auto"`` detects it.
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise BuilderInputError(f"checkpoint path must be a path, got {path!r}")
         if not isinstance(strict, bool):
             raise BuilderInputError(f"with_checkpoint(strict=...) must be True or False, got {strict!r}")
+        if not isinstance(layout, str) or not layout:
+            raise BuilderInputError(f"with_checkpoint(layout=...) must be a layout name or 'auto', got {layout!r}")
         return self.with_options(
             checkpoint=os.fspath(path) if path is not None else self.model_name_or_path,
             checkpoint_strict=strict,
+            layout=layout,
             deferred=True,
         )
 
@@ -264,6 +271,7 @@ class ModelBuilder:
             heads={name: head for name, (head, _) in heads.items()},
             dropout_keys=plugins.dropout_keys(),
             providers={e.name: e.provider for e in order},
+            hook=plugins.pm.hook,
         )
         ctx.report.plan = [e.name for e in order]
         head = ctx.options.get("head")

@@ -149,6 +149,9 @@ class BuildContext:
     dropout_keys: tuple[str, ...] = ()
     #: providers by stage name, for messages.
     providers: dict[str, str] = field(default_factory=dict)
+    #: this build's ``pm.hook``: a plugin that adds hookspecs of its own calls them through it
+    #: (pytest's ``config.hook``).
+    hook: Any = None
     #: free-form scratch space for cooperating plugins (e.g. the ZeRO-3 handles).
     state: dict[str, Any] = field(default_factory=dict)
     current_stage: str | None = None

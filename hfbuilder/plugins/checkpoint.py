@@ -26,6 +26,7 @@ from ..context import PROVENANCE_CHECKPOINT, PROVENANCE_RESIZED, BuildContext
 from ..errors import BuilderInputError, CheckpointError
 from ..hookspecs import hookimpl
 from ..stage import Stage
+from .reward_layout import STATE_KEY as REWARD_LAYOUT
 
 #: Keys transformers itself never reports as unexpected: buffers that old checkpoints saved.
 ALWAYS_IGNORED_UNEXPECTED = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")
@@ -302,10 +303,15 @@ class CheckpointStage(Stage):
         fmt, file = find_checkpoint(ctx.options["checkpoint"])
         strict = ctx.options.get("checkpoint_strict", True)
         how = "into ZeRO-3 partitions" if ctx.zero3 else "by assignment onto the meta-device model (mmap, no init)"
-        return [f"load every weight from {file} ({fmt}) {how}; {'strict' if strict else 'non-strict'} key matching"]
+        layout = ctx.state.get(REWARD_LAYOUT)
+        keys = f"; {layout.layout.name} keys renamed" if layout is not None and layout.key_map.renames else ""
+        return [f"load every weight from {file} ({fmt}) {how}; {'strict' if strict else 'non-strict'} key matching{keys}"]
 
     def run(self, ctx: BuildContext) -> None:
-        reader = open_checkpoint(ctx.options["checkpoint"])
+        reader: Any = open_checkpoint(ctx.options["checkpoint"])
+        layout = ctx.state.get(REWARD_LAYOUT)  # a reward model's checkpoint, in any framework's layout
+        if layout is not None:
+            reader = layout.open(reader)  # seen under the RewardModel's names
         ctx.call_on_exit(reader.close)
         resized = {id(w): (old, new) for w, old, new in ctx.state.get("resized_rows", ())}
         plan = match_keys(ctx.model, reader, resized)
@@ -321,6 +327,10 @@ class CheckpointStage(Stage):
             ctx.state["pending_rows"] = dict(plan.partial_rows)
             ctx.note(f"assigned {len(plan.sources)} tensors ({nbytes / 2**20:.1f} MiB) from {reader.file} ({reader.format})")
         self._record(ctx, plan)
+        if layout is not None:
+            ctx.model.reward_normalization = layout.extras.normalization
+            if layout.key_map.unused:
+                ctx.note(f"not loaded, the value model does not use them: {_listing(layout.key_map.unused)}")
 
     def _record(self, ctx: BuildContext, plan: LoadPlan) -> None:
         group_of = {n: names for names in plan.tied for n in names}

@@ -103,9 +103,9 @@ class CriticPhase(Phase):
     description = "step 3: the critic, the step-2 reward model loaded from its checkpoint (deferred weights)"
 
     def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
-        o = _take(self.name, options, {**_HEAD, "checkpoint": None})
+        o = _take(self.name, options, {**_HEAD, "checkpoint": None, "layout": "auto"})
         builder = _reward_head(_common(builder, o), o)
-        return builder.with_checkpoint(o["checkpoint"])  # None: the (new) model_name_or_path
+        return builder.with_checkpoint(o["checkpoint"], layout=o["layout"])  # None: the (new) model_name_or_path
 
 
 class RewardEvalPhase(Phase):
@@ -114,9 +114,9 @@ class RewardEvalPhase(Phase):
 
     def apply(self, builder: ModelBuilder, **options: Any) -> ModelBuilder:
         allowed = {k: v for k, v in _HEAD.items() if k not in ("dropout", "lora")}
-        o = _take(self.name, options, {**allowed, "checkpoint": None})
+        o = _take(self.name, options, {**allowed, "checkpoint": None, "layout": "auto"})
         builder = _reward_head(_common(builder, o), o)
-        return builder.with_checkpoint(o["checkpoint"]).with_dropout(0.0).frozen()
+        return builder.with_checkpoint(o["checkpoint"], layout=o["layout"]).with_dropout(0.0).frozen()
 
 
 PHASES: tuple[type[Phase], ...] = (SftPhase, RewardPhase, ActorPhase, ReferencePhase, CriticPhase, RewardEvalPhase)
