@@ -154,16 +154,13 @@ class ModelBuilder:
         """Load the whole (wrapped) model's weights from ``path`` strictly; implies deferred weights.
 
         ``strict=False`` turns missing and unexpected keys into warnings; what is
-        missing is then initialized and named in the report. For the reward head,
-        ``layout`` names the framework that saved the checkpoint (``"openrlhf"``,
-        ``"trl"``, ...; see :mod:`hfbuilder.layouts`); ``"auto"`` detects it.
+        missing is then initialized and named in the report. ``layout``: the reward
+        checkpoint's framework (``"openrlhf"``, ``"trl"``...: :mod:`hfbuilder.layouts`), or detect it.
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise BuilderInputError(f"checkpoint path must be a path, got {path!r}")
         if not isinstance(strict, bool):
             raise BuilderInputError(f"with_checkpoint(strict=...) must be True or False, got {strict!r}")
-        if not isinstance(layout, str) or not layout:
-            raise BuilderInputError(f"with_checkpoint(layout=...) must be a layout name or 'auto', got {layout!r}")
         return self.with_options(
             checkpoint=os.fspath(path) if path is not None else self.model_name_or_path,
             checkpoint_strict=strict,

@@ -34,6 +34,8 @@ class Resolved:
     key_map: KeyMap
     extras: Extras
     forced: bool = False
+    #: the plugin that provides the layout, when known.
+    provider: str = ""
 
     def open(self, main: CheckpointReader | None = None) -> LayoutReader:
         """The checkpoint under the value model's names (``main``: the already opened checkpoint)."""

@@ -15,6 +15,7 @@ built-in ones.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ..context import BuildContext
@@ -86,16 +87,15 @@ class RewardLayoutStage(Stage):
                 config = ctx.config.to_dict()
             resolved = resolve_layout(path, {n: lay for n, (lay, _) in found.items()},
                                       ctx.options.get("layout", AUTO), config)
+            resolved = replace(resolved, provider=found[resolved.layout.name][1])
             ctx.state[STATE_KEY] = resolved
-            ctx.state[STATE_KEY + "_provider"] = found[resolved.layout.name][1]
         return resolved
 
     def _describe(self, ctx: BuildContext, resolved: Resolved) -> list[str]:
         ctx.fact("reward_layout", resolved.layout.name)
-        provider = ctx.state.get(STATE_KEY + "_provider")
         lines = resolved.describe()
-        if provider and provider != __name__:  # a third party's layout: say whose
-            lines[0] += f" [layout from {provider}]"
+        if resolved.provider != __name__:  # a third party's layout: say whose
+            lines[0] += f" [layout from {resolved.provider}]"
         return lines
 
 
