@@ -20,6 +20,7 @@ from .errors import (
 )
 from .explain import Explanation, StageExplanation
 from .hookspecs import hookimpl, hookspec
+from .layouts import convert
 from .settings import Settings, setting
 from .stage import Head, Phase, Stage
 
@@ -46,6 +47,7 @@ __all__ = [
     "StageOrderError",
     "StageRecord",
     "UnknownHeadError",
+    "convert",
     "hookimpl",
     "hookspec",
     "setting",

@@ -182,16 +182,21 @@ class ModelBuilder:
             raise UnknownHeadError(f"with_head() needs a head name, got {name!r}")
         return self.configure("head", name=name, options=options)
 
-    def with_checkpoint(self, path: str | os.PathLike[str] | None = None, *, strict: bool = True) -> ModelBuilder:
+    def with_checkpoint(
+        self, path: str | os.PathLike[str] | None = None, *, strict: bool = True, layout: str | None = None
+    ) -> ModelBuilder:
         """Load the whole (wrapped) model's weights from ``path`` strictly; implies deferred weights.
 
         ``path`` defaults to ``model_name_or_path``. ``strict=False`` turns missing and
         unexpected keys into warnings; what is missing is then initialized and named in the report.
+        ``layout``: the reward checkpoint's framework (``"openrlhf"``, ``"trl"``...:
+        :mod:`hfbuilder.layouts`), ``"auto"`` to detect it; None leaves the setting as it is.
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise BuilderInputError(f"checkpoint path must be a path, got {path!r}")
         chosen = os.fspath(path) if path is not None else self.model_name_or_path
-        return self.configure("checkpoint", path=chosen, strict=strict).configure("load", deferred=True)
+        builder = self.configure("checkpoint", path=chosen, strict=strict).configure("load", deferred=True)
+        return builder if layout is None else builder.configure("reward_layout", layout=layout)
 
     def with_fp32_loss(self) -> ModelBuilder:
         """Compute the loss in fp32 (DeepSpeed-Chat's ``causal_lm_model_to_fp32_loss``)."""

@@ -38,6 +38,7 @@ from .errors import (
     UnknownHeadError,
 )
 from .hookspecs import hookimpl
+from .layouts.cli import add_convert_parser
 
 log = logging.getLogger("hfbuilder.cli")
 
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint", metavar="CKPT", help="a directory, a .safetensors/.bin file or an index .json")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)
+    add_convert_parser(sub, _import_plugin)
     return parser
 
 

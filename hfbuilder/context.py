@@ -178,6 +178,10 @@ class BuildContext:
     rows_to_fill: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: The checkpoint stage's key plan (:class:`hfbuilder.weights.LoadPlan`), for later stages and tools.
     load_plan: Any = None
+    #: The reward checkpoint's layout (:class:`hfbuilder.layouts.Resolved`), decided once by the
+    #: ``reward_layout`` stage; the reward head reads whether it has a bias, the checkpoint stage
+    #: reads it through the layout's key map.
+    reward_layout: Any = None
     current_stage: str | None = None
     #: True inside ``ModelBuilder.explain()``: stages describe, read no weights, and
     #: ``warn`` records without emitting. ``model`` is then the architecture on the meta device.

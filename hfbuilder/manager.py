@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "hfbuilder.plugins.load",
     "hfbuilder.plugins.token_align",
     "hfbuilder.plugins.resize",
+    "hfbuilder.plugins.reward_layout",
     "hfbuilder.plugins.head",
     "hfbuilder.plugins.checkpoint",
     "hfbuilder.plugins.materialize",

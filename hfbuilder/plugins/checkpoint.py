@@ -83,11 +83,16 @@ class CheckpointStage(Stage):
         fmt, file = find_checkpoint(settings.path)
         strict = settings.strict
         how = "into ZeRO-3 partitions" if ctx.zero3 else "by assignment onto the meta-device model (mmap, no init)"
-        return [f"load every weight from {file} ({fmt}) {how}; {'strict' if strict else 'non-strict'} key matching"]
+        layout = ctx.reward_layout
+        keys = f"; {layout.layout.name} keys renamed" if layout is not None and layout.key_map.renames else ""
+        return [f"load every weight from {file} ({fmt}) {how}; {'strict' if strict else 'non-strict'} key matching{keys}"]
 
     def run(self, ctx: BuildContext) -> None:
         settings = ctx.settings(self.name)
-        reader = open_checkpoint(settings.path)
+        reader: Any = open_checkpoint(settings.path)
+        layout = ctx.reward_layout  # a reward model's checkpoint, in any framework's layout
+        if layout is not None:
+            reader = layout.open(reader)  # seen under the RewardModel's names
         ctx.call_on_exit(reader.close)
         resized = {id(w): (old, new) for w, old, new in ctx.resized_rows}
         plan = match_keys(ctx.model, reader, resized)
@@ -109,6 +114,10 @@ class CheckpointStage(Stage):
             ctx.note(f"assigned {assigned.tensors} tensors ({assigned.bytes / 2**20:.1f} MiB) from {reader.file} "
                      f"({reader.format})")
         self._record(ctx, plan)
+        if layout is not None:
+            ctx.model.reward_normalization = layout.extras.normalization
+            if layout.key_map.unused:
+                ctx.note(f"not loaded, the value model does not use them: {listing(layout.key_map.unused)}")
 
     def _record(self, ctx: BuildContext, plan: LoadPlan) -> None:
         group_of = {n: names for names in plan.tied for n in names}

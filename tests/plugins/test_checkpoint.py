@@ -119,8 +119,10 @@ def test_strict_errors_list_every_problem(tmp_path, trained):
 
 def test_bare_model_checkpoint_gets_a_prefix_hint(tmp_path, model_dir, tokenizer_for):
     path = model_dir("llama")
-    with pytest.raises(CheckpointError, match="model has 'rwtransformer.' where the checkpoint has 'model.'"):
+    with pytest.raises(CheckpointError, match="holds no reward/critic value head"):  # the layout stage's refusal
         critic(path, tokenizer_for(path), 0).build()
+    with pytest.raises(CheckpointError, match="model has 'rwtransformer.' where the checkpoint has 'model.'"):
+        critic(path, tokenizer_for(path), 0).without_stage("reward_layout").build()
 
 
 def test_non_strict_initializes_what_is_missing_and_says_so(tmp_path, trained):
