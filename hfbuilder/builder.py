@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .context import BuildContext, BuildReport, StageRecord, zero_stage_of
-from .errors import BuilderInputError, HFBuilderError, StageError, UnknownHeadError
+from .errors import BuilderInputError, HFBuilderError, UnknownHeadError, blame_stage
 from .explain import Explanation, StageExplanation, default_world_size, estimate_memory
 from .manager import Plugins
 from .ordering import Entry, resolve
@@ -214,6 +214,12 @@ class ModelBuilder:
         """Register a pluggy plugin (object or module) for this builder only."""
         if plugin is None:
             raise BuilderInputError("with_plugin(None): pass a plugin object or module")
+        if isinstance(plugin, (str, bytes, os.PathLike)):
+            # pluggy would register the string itself: an object with no hooks, silently ignored.
+            raise BuilderInputError(
+                f"with_plugin({plugin!r}) takes a plugin object or module, not its name; "
+                f"pass importlib.import_module({plugin!r}) (the CLI's --plugin imports it for you)"
+            )
         return replace(self, plugins=(*self.plugins, plugin))
 
     def with_stage(self, stage: Stage | type[Stage]) -> ModelBuilder:
@@ -400,10 +406,11 @@ def _after_stage(plugins: Plugins, entry: Entry, ctx: BuildContext) -> StageReco
 def _guard(entry: Entry, what: str, fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
-    except HFBuilderError:
-        raise
     except Exception as exc:
-        raise StageError(f"stage {entry.name!r} (from {entry.provider}) failed in {what}: {type(exc).__name__}: {exc}") from exc
+        blamed = blame_stage(exc, entry.name, entry.provider, what)
+        if blamed is exc:
+            raise
+        raise blamed from exc
 
 
 __all__ = ["ModelBuilder"]

@@ -183,7 +183,9 @@ def _import_plugin(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr) if attr else module
-    except (ImportError, AttributeError) as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: importing a plugin must not end the command with its code
         raise PluginError(f"--plugin {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from exc
 
 
