@@ -96,6 +96,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="builder option for .with_options(), e.g. invariants=warn (repeatable)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE (or module:attr) and register it with with_plugin (repeatable)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code a model or tokenizer directory ships (auto_map); read it first")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -204,12 +206,18 @@ def _model_class(name: str) -> Any:
         raise BuilderInputError(f"--model-class {name!r} is not a transformers class (e.g. AutoModelForCausalLM)") from None
 
 
-def _tokenizer(path: str) -> Any:
+def _tokenizer(path: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
+    from .remote_code import refusal
+
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # Explicit, never None: None makes transformers ask on stdin whether to run the code.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        refused = refusal(path, exc)
+        if refused is not None:
+            raise refused from exc
         raise BuilderInputError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
 
 
@@ -222,7 +230,10 @@ def _builder(args: argparse.Namespace) -> Any:
         raise BuilderInputError(f"PATH {args.path!r} does not exist")
     if args.quiet:
         _quiet_libraries()
-    builder = ModelBuilder(_model_class(args.model_class), args.path, _tokenizer(args.tokenizer or args.path))
+    tokenizer = _tokenizer(args.tokenizer or args.path, args.trust_remote_code)
+    builder = ModelBuilder(_model_class(args.model_class), args.path, tokenizer)
+    if args.trust_remote_code:
+        builder = builder.with_options(trust_remote_code=True)
     for spec in args.plugin:
         builder = builder.with_plugin(_import_plugin(spec))
     if args.phase:

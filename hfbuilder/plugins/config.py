@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 
+from .. import remote_code
 from ..context import BuildContext
 from ..errors import BuilderInputError
 from ..files import FORMAT_JSON, FileInfo
@@ -39,9 +40,20 @@ class ConfigStage(Stage):
             return
         from transformers import AutoConfig
 
+        kwargs = dict(ctx.options.get("config_kwargs", {}))
+        if remote_code.OPTION in kwargs:
+            raise BuilderInputError(
+                f"pass {remote_code.OPTION} as its own option, not in config_kwargs: it governs every "
+                "transformers call of the build, not only the config's"
+            )
+        # Explicit, never None: None makes transformers ask on stdin whether to run the code.
+        kwargs[remote_code.OPTION] = remote_code.trusted(ctx.options.get(remote_code.OPTION))
         try:
-            ctx.config = AutoConfig.from_pretrained(ctx.model_name_or_path, **ctx.options.get("config_kwargs", {}))
+            ctx.config = AutoConfig.from_pretrained(ctx.model_name_or_path, **kwargs)
         except (OSError, ValueError) as exc:
+            refused = remote_code.refusal(ctx.model_name_or_path, exc)
+            if refused is not None:
+                raise refused from exc
             raise BuilderInputError(f"cannot read a model config from {ctx.model_name_or_path!r}: {exc}") from exc
         ctx.note(f"read {type(ctx.config).__name__} (model_type={ctx.config.model_type!r}) from {ctx.model_name_or_path}")
         ctx.fact("model_type", ctx.config.model_type)

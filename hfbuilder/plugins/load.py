@@ -9,6 +9,7 @@ from typing import Any
 from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
 from ..files import FORMAT_JSON, CheckpointSummary, FileInfo, checkpoint_to_model_keys, summarize
 from ..hookspecs import hookimpl
+from ..remote_code import OPTION, remote_code_kwargs, trusted
 from ..stage import Stage
 
 
@@ -41,7 +42,8 @@ class LoadStage(Stage):
         import torch
 
         with torch.device("meta"):
-            model = ctx.model_class.from_config(copy.deepcopy(ctx.config), dtype=torch_dtype(dtype))
+            model = ctx.model_class.from_config(copy.deepcopy(ctx.config), dtype=torch_dtype(dtype),
+                                                **_remote_code(ctx))
         ctx.model = model
         n = sum(p.numel() for p in model.parameters())
         device = "meta" if deferred and not ctx.zero3 else ctx.options.get("device") or "cpu"
@@ -84,7 +86,7 @@ class LoadStage(Stage):
         if device and not ctx.zero3:
             kwargs["device_map"] = device
         model, info = ctx.model_class.from_pretrained(
-            ctx.model_name_or_path, config=config, output_loading_info=True, **kwargs
+            ctx.model_name_or_path, config=config, output_loading_info=True, **kwargs, **_remote_code(ctx)
         )
         ctx.model = model
         missing = sorted(info.get("missing_keys") or [])
@@ -118,14 +120,14 @@ class LoadStage(Stage):
             ctx.note(f"{type(model).__name__} built partitioned with no weight init; the strict checkpoint fills it")
         elif ctx.zero3:
             # transformers' from_config builds under deepspeed.zero.Init, partitioned.
-            model = ctx.model_class.from_config(config, **kwargs)
+            model = ctx.model_class.from_config(config, **kwargs, **_remote_code(ctx))
             ctx.note(f"{type(model).__name__}.from_config under zero.Init (weights deferred)")
         else:
             from accelerate import init_empty_weights
 
             # Parameters on the meta device, buffers (rotary inv_freq...) real: no init work.
             with init_empty_weights(include_buffers=False):
-                model = ctx.model_class.from_config(config, **kwargs)
+                model = ctx.model_class.from_config(config, **kwargs, **_remote_code(ctx))
             # init_empty_weights re-creates every registered parameter, which unties
             # the tied ones (lm_head from embed_tokens); tie them again, still on meta.
             model.tie_weights()
@@ -135,6 +137,11 @@ class LoadStage(Stage):
             ctx.report.provenance[name] = PROVENANCE_UNINITIALIZED
         _facts(ctx, model)
         return model
+
+
+def _remote_code(ctx: BuildContext) -> dict[str, Any]:
+    """An explicit ``trust_remote_code`` for the model class: left unset, transformers prompts on stdin."""
+    return remote_code_kwargs(ctx.model_class, trusted(ctx.options.get(OPTION)))
 
 
 def _facts(ctx: BuildContext, model: Any) -> None:
