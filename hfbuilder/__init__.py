@@ -20,6 +20,7 @@ from .errors import (
 )
 from .explain import Explanation, StageExplanation
 from .hookspecs import hookimpl, hookspec
+from .save import save_model
 from .stage import Head, Phase, Stage
 
 __version__ = "0.1.0"
@@ -46,4 +47,5 @@ __all__ = [
     "UnknownHeadError",
     "hookimpl",
     "hookspec",
+    "save_model",
 ]
