@@ -16,6 +16,7 @@ from typing import Any
 from .context import BuildContext, BuildReport, StageRecord, zero_stage_of
 from .errors import BuilderInputError, HFBuilderError, UnknownHeadError, blame_stage
 from .explain import Explanation, StageExplanation, default_world_size, estimate_memory
+from .locking import serialized
 from .manager import Plugins
 from .ordering import Entry, resolve
 from .stage import Stage
@@ -287,6 +288,7 @@ class ModelBuilder:
         """The names of the stages ``build()`` will run, in order. Reads no weights."""
         return [e.name for e in self._resolve()[1]]
 
+    @serialized
     def explain(self, world_size: int | None = None) -> Explanation:
         """A dry run: what each stage of the plan will do, reading config files but no weights.
 
@@ -353,6 +355,7 @@ class ModelBuilder:
         """Build and return the model (a ``torch.nn.Module``)."""
         return self.build_with_report()[0]
 
+    @serialized
     def build_with_report(self) -> tuple[Any, BuildReport]:
         """Build the model and return it with a :class:`BuildReport`.
 
