@@ -171,6 +171,7 @@ def _model_class(name: str) -> Any:
 
 
 def _tokenizer(path: str, trust_remote_code: bool) -> Any:
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoTokenizer
 
     from .remote_code import refusal
@@ -178,7 +179,7 @@ def _tokenizer(path: str, trust_remote_code: bool) -> Any:
     try:
         # Explicit, never None: None makes transformers ask on stdin whether to run the code.
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StrictDataclassError) as exc:  # the last: a config field of the wrong type
         refused = refusal(path, exc)
         if refused is not None:
             raise refused from exc

@@ -38,6 +38,7 @@ class ConfigStage(Stage):
             ctx.note(f"copied the given {type(given).__name__} (model_type={given.model_type!r})")
             ctx.fact("model_type", given.model_type)
             return
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoConfig
 
         kwargs = dict(ctx.options.get("config_kwargs", {}))
@@ -50,7 +51,7 @@ class ConfigStage(Stage):
         kwargs[remote_code.OPTION] = remote_code.trusted(ctx.options.get(remote_code.OPTION))
         try:
             ctx.config = AutoConfig.from_pretrained(ctx.model_name_or_path, **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, StrictDataclassError) as exc:  # the last: a field of the wrong type
             refused = remote_code.refusal(ctx.model_name_or_path, exc)
             if refused is not None:
                 raise refused from exc
