@@ -21,6 +21,7 @@ from .errors import (
 from .explain import Explanation, StageExplanation
 from .hookspecs import hookimpl, hookspec
 from .layouts import convert
+from .save import save_model
 from .settings import Settings, setting
 from .stage import Head, Phase, Stage
 
@@ -51,4 +52,5 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "setting",
+    "save_model",
 ]

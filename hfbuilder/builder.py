@@ -19,6 +19,7 @@ from .context import BuildContext, BuildReport
 from .dsconfig import load_ds_config, zero_stage_of
 from .errors import BuilderInputError, UnknownHeadError
 from .explain import Explanation
+from .locking import serialized
 from .manager import Plugins
 from .ordering import Entry, resolve
 from .settings import Catalog, closest_first, default_of, freeze, thaw
@@ -229,6 +230,12 @@ class ModelBuilder:
         """Register a pluggy plugin (object or module) for this builder only."""
         if plugin is None:
             raise BuilderInputError("with_plugin(None): pass a plugin object or module")
+        if isinstance(plugin, (str, bytes, os.PathLike)):
+            # pluggy would register the string itself: an object with no hooks, silently ignored.
+            raise BuilderInputError(
+                f"with_plugin({plugin!r}) takes a plugin object or module, not its name; "
+                f"pass importlib.import_module({plugin!r}) (the CLI's --plugin imports it for you)"
+            )
         return self._derive(plugins=(*self.plugins, plugin))
 
     def with_stage(self, stage: Stage | type[Stage]) -> ModelBuilder:
@@ -342,6 +349,7 @@ class ModelBuilder:
         """The names of the stages ``build()`` will run, in order. Reads no weights."""
         return [e.name for e in self._resolve()[1]]
 
+    @serialized
     def explain(self, world_size: int | None = None) -> Explanation:
         """A dry run: what each stage of the plan will do, reading config files but no weights.
 
@@ -360,6 +368,7 @@ class ModelBuilder:
         """Build and return the model (a ``torch.nn.Module``)."""
         return self.build_with_report()[0]
 
+    @serialized
     def build_with_report(self) -> tuple[Any, BuildReport]:
         """Build the model and return it with a :class:`BuildReport`.
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
 from ..errors import BuilderInputError
 from ..hookspecs import hookimpl
+from ..remote_code import remote_code_kwargs
 from ..settings import Settings, setting
 from ..stage import Stage
 from ..weights import (
@@ -90,7 +91,8 @@ class LoadStage(Stage):
         import torch
 
         with torch.device("meta"):
-            model = ctx.model_class.from_config(copy.deepcopy(ctx.config), dtype=torch_dtype(dtype))
+            model = ctx.model_class.from_config(copy.deepcopy(ctx.config), dtype=torch_dtype(dtype),
+                                                **_remote_code(ctx))
         ctx.model = model
         n = sum(p.numel() for p in model.parameters())
         device = "meta" if deferred and not ctx.zero3 else settings.device or "cpu"
@@ -126,7 +128,8 @@ class LoadStage(Stage):
             from ..zero3 import listed, load_pretrained_partitioned
 
             # Each rank reads only the safetensors rows of its own partitions, when it can.
-            loaded = load_pretrained_partitioned(ctx.model_name_or_path, ctx.model_class, config, dtype)
+            loaded = load_pretrained_partitioned(ctx.model_name_or_path, ctx.model_class, config, dtype,
+                                                 trust_remote_code=ctx.settings("config").trust_remote_code)
             if loaded.model is None:
                 ctx.note(f"ZeRO-3 partition loader skipped: {loaded.skipped}; using from_pretrained")
             else:
@@ -141,7 +144,7 @@ class LoadStage(Stage):
         if device and not ctx.zero3:
             kwargs["device_map"] = device
         model, info = ctx.model_class.from_pretrained(
-            ctx.model_name_or_path, config=config, output_loading_info=True, **kwargs
+            ctx.model_name_or_path, config=config, output_loading_info=True, **kwargs, **_remote_code(ctx)
         )
         ctx.model = model
         missing = sorted(info.get("missing_keys") or [])
@@ -171,19 +174,20 @@ class LoadStage(Stage):
 
             # A strict checkpoint fills every weight or fails the build: partition without
             # transformers' ZeRO-3 init (gather, init on rank 0, broadcast) it would overwrite.
-            model = build_partitioned(ctx.model_class, config, kwargs.get("dtype"))
+            model = build_partitioned(ctx.model_class, config, kwargs.get("dtype"),
+                                      trust_remote_code=ctx.settings("config").trust_remote_code)
             ctx.values_undefined = True
             ctx.note(f"{type(model).__name__} built partitioned with no weight init; the strict checkpoint fills it")
         elif ctx.zero3:
             # transformers' from_config builds under deepspeed.zero.Init, partitioned.
-            model = ctx.model_class.from_config(config, **kwargs)
+            model = ctx.model_class.from_config(config, **kwargs, **_remote_code(ctx))
             ctx.note(f"{type(model).__name__}.from_config under zero.Init (weights deferred)")
         else:
             from accelerate import init_empty_weights
 
             # Parameters on the meta device, buffers (rotary inv_freq...) real: no init work.
             with init_empty_weights(include_buffers=False):
-                model = ctx.model_class.from_config(config, **kwargs)
+                model = ctx.model_class.from_config(config, **kwargs, **_remote_code(ctx))
             # init_empty_weights re-creates every registered parameter, which unties
             # the tied ones (lm_head from embed_tokens); tie them again, still on meta.
             model.tie_weights()
@@ -221,9 +225,12 @@ def _meta_architecture(ctx: BuildContext) -> Any:
         config = settings.config or AutoConfig.from_pretrained(
             ctx.model_name_or_path, **settings.kwargs, trust_remote_code=settings.trust_remote_code)
         with torch.device("meta"):
-            return ctx.model_class.from_config(copy.deepcopy(config))
+            return ctx.model_class.from_config(copy.deepcopy(config), **_remote_code(ctx))
     except Exception:  # noqa: BLE001 - reported by the stage that owns it
         return None
+def _remote_code(ctx: BuildContext) -> dict[str, Any]:
+    """An explicit ``trust_remote_code`` for the model class: left unset, transformers prompts on stdin."""
+    return remote_code_kwargs(ctx.model_class, ctx.settings("config").trust_remote_code)
 
 
 def _facts(ctx: BuildContext, model: Any) -> None:
