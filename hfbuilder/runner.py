@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from .context import BuildContext, BuildReport, StageRecord
-from .errors import HFBuilderError, StageError
+from .errors import HFBuilderError, blame_stage
 from .explain import Explanation, StageExplanation, default_world_size, estimate_memory
 from .manager import Plugins
 from .ordering import Entry
@@ -119,14 +119,14 @@ def after_stage(plugins: Plugins, entry: Entry, ctx: BuildContext) -> StageRecor
 
 
 def _guard(entry: Entry, what: str, fn: Any, *args: Any) -> Any:
+    """Run a stage's ``check``/``explain``/``run``; an error names the stage and its plugin."""
     try:
         return fn(*args)
-    except HFBuilderError:
-        raise
     except Exception as exc:
-        raise StageError(
-            f"stage {entry.name!r} (from {entry.provider}) failed in {what}: {type(exc).__name__}: {exc}"
-        ) from exc
+        blamed = blame_stage(exc, entry.name, entry.provider, what)
+        if blamed is exc:
+            raise
+        raise blamed from exc
 
 
 __all__ = ["after_stage", "build", "explain"]

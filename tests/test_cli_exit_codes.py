@@ -17,8 +17,6 @@ import textwrap
 import pytest
 
 ENV = {**os.environ, "HFBUILDER_DISABLE_PLUGIN_AUTOLOAD": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-SETTINGS = pytest.mark.xfail(strict=True, reason="needs validated settings")
-CHECKPOINT = pytest.mark.xfail(strict=True, reason="needs the checkpoint reader policy")
 
 
 def hfbuilder(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -46,11 +44,11 @@ def inputs(tmp_path, model_dir):
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        pytest.param("zero_stage_word", "zero_optimization.stage", marks=SETTINGS),
-        pytest.param("dropout_nan_option", "dropout", marks=SETTINGS),
-        pytest.param("dropout_negative_option", "dropout", marks=SETTINGS),
-        pytest.param("dropout_string_option", "dropout", marks=SETTINGS),
-        pytest.param("truncated_weights", "model.safetensors", marks=CHECKPOINT),
+        ("zero_stage_word", "zero_optimization.stage"),
+        ("dropout_nan_option", "dropout"),
+        ("dropout_negative_option", "dropout"),
+        ("dropout_string_option", "dropout"),
+        ("truncated_weights", "model.safetensors"),
         ("config_field_type", "num_hidden_layers"),
         ("config_field_type_tokenizer", "num_hidden_layers"),
         ("dropout_nan_flag", "--dropout"),

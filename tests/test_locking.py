@@ -11,6 +11,7 @@ default dtype (bfloat16) left patched for the rest of the process.)
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import time
@@ -64,6 +65,9 @@ class Gate:
                 return cls._from_config(config, **kwargs)
 
             def __init__(self, config):
+                if any(f.function == "_meta_architecture" for f in inspect.stack(0)):  # the load stage's check
+                    super().__init__(config)
+                    return
                 gate.log.append(f"{gate.name} inside")
                 gate.inside.set()
                 assert gate.go.wait(timeout=300), "never released"

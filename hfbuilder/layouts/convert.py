@@ -152,7 +152,7 @@ def _tokenizer_facts(folder: str, notes: list[str]) -> tuple[int | None, int | N
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # a tokenizer's code never runs here
     except Exception as exc:  # noqa: BLE001 - its files are still copied; only the checks are skipped
         notes.append(f"the tokenizer in {folder} did not load ({type(exc).__name__}: {exc}); files copied as they are")
         return None, None

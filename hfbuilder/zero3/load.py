@@ -137,7 +137,9 @@ class PretrainedLoad:
     unused: list[str] = field(default_factory=list)
 
 
-def load_pretrained_partitioned(path: str, model_class: Any, config: Any, dtype: Any) -> PretrainedLoad:
+def load_pretrained_partitioned(
+    path: str, model_class: Any, config: Any, dtype: Any, *, trust_remote_code: bool = False
+) -> PretrainedLoad:
     """``model_class.from_pretrained(path)`` under ZeRO-3 without transformers' loader, when it can.
 
     transformers' ZeRO-3 loader reads the whole checkpoint on rank 0 and then gathers the
@@ -157,7 +159,7 @@ def load_pretrained_partitioned(path: str, model_class: Any, config: Any, dtype:
     if getattr(config, "quantization_config", None) is not None:
         return PretrainedLoad(skipped="quantized config")
     with open_checkpoint(path) as reader:
-        model = build_partitioned(model_class, config, dtype)
+        model = build_partitioned(model_class, config, dtype, trust_remote_code=trust_remote_code)
         plan = match_keys(model, reader, prefixes=True)
         if plan.wrong_dtype:  # hostile or broken: from_pretrained must not get a second chance at it
             check_plan(LoadPlan(wrong_dtype=plan.wrong_dtype, files=plan.files), strict=True, source=reader.file,

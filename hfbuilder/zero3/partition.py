@@ -131,12 +131,15 @@ def _construction_for_fill() -> Iterator[None]:
             hf_ds.initialize_weights_zero3 = saved_weights
 
 
-def build_partitioned(model_class: Any, config: Any, dtype: Any) -> nn.Module:
+def build_partitioned(model_class: Any, config: Any, dtype: Any, *, trust_remote_code: bool = False) -> nn.Module:
     """``model_class.from_config`` under the active ``HfDeepSpeedConfig``: partitioned, values undefined.
 
     Only for a model that a checkpoint fills completely right after.
     """
+    from ..remote_code import remote_code_kwargs
+
     kwargs = {} if dtype is None or dtype == "auto" else {"dtype": dtype}
+    kwargs.update(remote_code_kwargs(model_class, trust_remote_code))
     with _construction_for_fill():
         return model_class.from_config(config, **kwargs)
 

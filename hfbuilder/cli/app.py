@@ -26,9 +26,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .console import StageProgress, print_json, quiet_libraries, setup_logging, stdout_to_stderr
-from .dsconfig import zero_stage_of
-from .errors import (
+from ..dsconfig import zero_stage_of
+from ..errors import (
     BuilderInputError,
     CheckpointError,
     DistributedSetupError,
@@ -37,11 +36,13 @@ from .errors import (
     PluginError,
     UnknownHeadError,
 )
-from .layouts.cli import add_convert_parser
+from ..layouts.cli import add_convert_parser
+from .console import EXIT_OK, StageProgress, import_plugin, print_json, quiet_libraries, setup_logging, stdout_to_stderr
+from .info import cmd_inspect, cmd_plugins, cmd_settings
 
 log = logging.getLogger("hfbuilder.cli")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PLUGIN, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_PLUGIN, EXIT_INTERRUPTED = 1, 2, 3, 130
 INPUT_ERRORS = (BuilderInputError, UnknownHeadError, CheckpointError, DistributedSetupError)
 
 
@@ -68,7 +69,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _probability(text: str) -> float:
-    from .plugins.dropout import DropoutSettings
+    from ..plugins.dropout import DropoutSettings
 
     try:
         return DropoutSettings(p=float(text)).p  # type: ignore[return-value]
@@ -149,22 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint", metavar="CKPT", help="a directory, a .safetensors/.bin file or an index .json")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)
-    add_convert_parser(sub, _import_plugin)
+    add_convert_parser(sub, import_plugin)
     return parser
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def _import_plugin(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-        return getattr(module, attr) if attr else module
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # SystemExit too: importing a plugin must not end the command with its code
-        raise PluginError(f"--plugin {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from exc
 
 
 def _model_class(name: str) -> Any:
@@ -186,7 +176,7 @@ def _tokenizer(path: str, trust_remote_code: bool) -> Any:
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoTokenizer
 
-    from .remote_code import refusal
+    from ..remote_code import refusal
 
     try:
         # Explicit, never None: None makes transformers ask on stdin whether to run the code.
@@ -199,7 +189,7 @@ def _tokenizer(path: str, trust_remote_code: bool) -> Any:
 
 
 def _builder(args: argparse.Namespace) -> Any:
-    from .builder import ModelBuilder
+    from ..builder import ModelBuilder
 
     if os.path.isfile(args.path):
         raise BuilderInputError(f"PATH {args.path!r} is a file; pass the model directory")
@@ -212,7 +202,7 @@ def _builder(args: argparse.Namespace) -> Any:
     if args.trust_remote_code:
         builder = builder.with_options(trust_remote_code=True)
     for spec in args.plugin:
-        builder = builder.with_plugin(_import_plugin(spec))
+        builder = builder.with_plugin(import_plugin(spec))
     if args.phase:
         builder = builder.for_phase(args.phase)
     if args.zero3:
@@ -264,7 +254,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     if args.save:
-        from .save import check_out
+        from ..save import check_out
 
         check_out(args.save, overwrite=args.overwrite)  # before the build, which may take an hour
     with stdout_to_stderr():
@@ -277,7 +267,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 _write_report(args.report, exc.report)
                 raise
         if args.save:
-            from .save import save_model
+            from ..save import save_model
 
             saved = save_model(model, builder.tokenizer, args.save, overwrite=args.overwrite,
                                zero3=zero_stage_of(builder.ds_config) == 3)
@@ -291,102 +281,6 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(report.format())
         if args.save:
             print(f"saved to {args.save}")
-    return EXIT_OK
-
-
-def cmd_plugins(args: argparse.Namespace) -> int:
-    from .manager import DISABLE_AUTOLOAD_ENV, Plugins, autoload_disabled
-
-    provided = Plugins([_import_plugin(spec) for spec in args.plugin]).provided()
-    if args.json:
-        print_json({"autoload": not autoload_disabled(), "plugins": provided})
-        return EXIT_OK
-    if autoload_disabled():
-        print(f"entry-point plugins not loaded ({DISABLE_AUTOLOAD_ENV} is set)")
-    for name, info in provided.items():
-        origin = info["source"] + (f", {info['distribution']}" if info["distribution"] else "")
-        print(f"{name}  [{origin}]")
-        for stage in info["stages"]:
-            order = ", ".join(
-                f"{rel} {', '.join(stage[rel])}" for rel in ("after", "before") if stage[rel]
-            ) + (f", replaces {stage['replaces']}" if stage["replaces"] else "")
-            print(f"    stage  {stage['name']}" + (f"  ({order.strip(', ')})" if order else ""))
-        for kind in ("heads", "phases"):
-            for item in info[kind]:
-                print(f"    {kind[:-1]:<6} {item}")
-        if info["dropout_keys"]:
-            print(f"    dropout keys  {', '.join(info['dropout_keys'])}")
-        others = [h for h in info["hooks"] if h not in ("hfbuilder_stages", "hfbuilder_heads", "hfbuilder_phases",
-                                                        "hfbuilder_dropout_keys")]
-        if others:
-            print(f"    hooks  {', '.join(others)}")
-    return EXIT_OK
-
-
-def cmd_settings(args: argparse.Namespace) -> int:
-    from .builder import settings_catalog
-    from .manager import Plugins
-    from .settings import fields_of, reference_markdown
-
-    plugins = Plugins([_import_plugin(spec) for spec in args.plugin])
-    catalog = settings_catalog(plugins.stage_entries())
-    if args.markdown:
-        print(reference_markdown(catalog), end="")
-        return EXIT_OK
-    for stage in sorted(catalog.classes):
-        for info in fields_of(stage, catalog.classes[stage]):
-            print(f"{stage}.{info.name}  [{', '.join(info.flat)}]  {info.type} = {info.default!r}")
-            print(f"    {info.doc}")
-    return EXIT_OK
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from .explain import human_bytes
-    from .weights import format_conflict, guess_layout, read_json, summarize
-
-    progress = None
-    if not args.quiet:
-        from tqdm.auto import tqdm
-
-        def progress(keys: Any) -> Any:
-            return tqdm(keys, desc="headers", unit="tensor", file=sys.stderr)
-
-    with stdout_to_stderr():
-        ckpt = summarize(args.checkpoint, progress)
-    conflict = format_conflict(args.checkpoint)
-    if conflict:
-        log.warning("%s", conflict)
-    folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
-    config = read_json(os.path.join(folder, "config.json"))
-    layout = guess_layout(ckpt.tensors, config)
-    dtypes: dict[str, int] = {}
-    for t in ckpt.tensors.values():
-        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
-    summary = {
-        "checkpoint": args.checkpoint,
-        "format": ckpt.format,
-        "files": [f.to_dict() for f in ckpt.files],
-        "layout": layout.name,
-        "evidence": layout.evidence,
-        "tensors": len(ckpt.tensors),
-        "values": ckpt.values,
-        "dtypes": dtypes,
-        "architectures": (config or {}).get("architectures"),
-    }
-    if args.json:
-        keys = [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in ckpt.tensors.items()]
-        print_json({**summary, "keys": keys})
-        return EXIT_OK
-    size = sum(f.bytes or 0 for f in ckpt.files)
-    print(f"checkpoint: {args.checkpoint}")
-    print(f"format:     {ckpt.format}, {len(ckpt.files)} file(s), {human_bytes(size)}")
-    print(f"layout:     {layout.name} ({layout.evidence})")
-    print(f"tensors:    {len(ckpt.tensors)}, {ckpt.values:,} values; dtypes "
-          + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
-    width = max((len(k) for k in ckpt.tensors), default=4)
-    print(f"{'key':<{width}}  {'shape':<16} dtype")
-    for k, t in ckpt.tensors.items():
-        print(f"{k:<{width}}  {str(list(t.shape)):<16} {t.dtype}")
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .hookspecs import hookimpl
+from ..errors import PluginError
+from ..hookspecs import hookimpl
 
 
 def setup_logging(args: argparse.Namespace) -> Callable[[], None]:
@@ -92,3 +94,19 @@ class StageProgress:
 
 
 __all__ = ["StageProgress", "print_json", "quiet_libraries", "setup_logging", "stdout_to_stderr"]
+
+
+#: Exit code of a command that did what it was asked.
+EXIT_OK = 0
+
+
+def import_plugin(spec: str) -> Any:
+    """``--plugin MODULE`` or ``module:attr``, imported; a failure is a PluginError naming it."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr) if attr else module
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: importing a plugin must not end the command with its code
+        raise PluginError(f"--plugin {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from exc
