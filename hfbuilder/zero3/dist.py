@@ -61,15 +61,17 @@ def ensure_distributed() -> None:
     group instead of making another.
     """
     check_distributed()
-    import deepspeed
     import deepspeed.comm as ds_dist
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from ..distributed import init_distributed
+
     if dist.is_initialized() and ds_dist.is_initialized():
         return
-    # The CPU accelerator names "ccl" only when oneCCL is installed; gloo otherwise.
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    # The CPU accelerator names "ccl" only when oneCCL is installed; gloo otherwise. Bounded by
+    # HFBUILDER_DIST_TIMEOUT: a rank whose peers never come fails fast with DistributedSetupError.
+    init_distributed(get_accelerator().communication_backend_name())
 
 
 def group_rank(param: Any) -> int:
