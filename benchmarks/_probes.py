@@ -16,7 +16,8 @@ Linux only (``/proc``). Nothing here imports torch at module level.
   it (hfbuilder) or imports it after :meth:`ReadCounter.install` (transformers). Files read
   through a memory map that stays open (``torch.load(mmap=True)`` of a ``.bin``) are measured
   by the pages of the mapping this process has touched (``/proc/self/pagemap``), sampled.
-  Plain ``read()`` calls (``torch.load`` without mmap) show in ``rchar`` of ``/proc/self/io``.
+  Plain ``read()`` calls (``torch.load`` without mmap) show in ``rchar`` of ``/proc/self/io``, less
+  what the probes themselves read from ``/proc``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ from typing import Any
 
 MIB = 1024 * 1024
 PAGE = os.sysconf("SC_PAGE_SIZE")
+#: What the probes themselves read from /proc (``rchar`` counts it too): the Sampler takes it back out.
+probe_reads = [0]
+
+
+def _read_proc(path: str, mode: str = "r") -> Any:
+    with open(path, mode) as fh:
+        data = fh.read()
+    probe_reads[0] += len(data)
+    return data
 
 
 def current_rss_mib() -> float:
@@ -38,11 +48,10 @@ def current_rss_mib() -> float:
 
 def _status_kib(*fields: str) -> dict[str, int]:
     out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            name, _, value = line.partition(":")
-            if name in fields:
-                out[name] = int(value.split()[0])
+    for line in _read_proc("/proc/self/status").splitlines():
+        name, _, value = line.partition(":")
+        if name in fields:
+            out[name] = int(value.split()[0])
     return out
 
 
@@ -67,17 +76,15 @@ def reset_peak_rss() -> bool:
 def uss_mib() -> float:
     """Private memory: ``Private_Clean + Private_Dirty`` of ``/proc/self/smaps_rollup``."""
     total = 0
-    with open("/proc/self/smaps_rollup") as fh:
-        for line in fh:
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                total += int(line.split()[1])
+    for line in _read_proc("/proc/self/smaps_rollup").splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            total += int(line.split()[1])
     return total / 1024
 
 
 def io_counters() -> dict[str, int]:
     """``/proc/self/io``: ``rchar`` (bytes through read()/pread()), ``read_bytes`` (from storage)."""
-    with open("/proc/self/io") as fh:
-        return {k: int(v) for k, v in (line.split(":") for line in fh)}
+    return {k: int(v) for k, v in (line.split(":") for line in _read_proc("/proc/self/io").splitlines())}
 
 
 def mapped_bytes(paths: set[str]) -> int:
@@ -85,19 +92,19 @@ def mapped_bytes(paths: set[str]) -> int:
     import numpy as np
 
     ranges = []
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].rstrip("\n") in paths:
-                start, stop = (int(x, 16) for x in parts[0].split("-"))
-                ranges.append((start, stop))
+    for line in _read_proc("/proc/self/maps").splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] in paths:
+            start, stop = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, stop))
     present = 0
     if ranges:
         with open("/proc/self/pagemap", "rb") as pm:
             for start, stop in ranges:
                 pm.seek(start // PAGE * 8)
-                entries = np.frombuffer(pm.read((stop - start) // PAGE * 8), dtype=np.uint64)
-                present += int(np.count_nonzero(entries >> np.uint64(63)))
+                data = pm.read((stop - start) // PAGE * 8)
+                probe_reads[0] += len(data)
+                present += int(np.count_nonzero(np.frombuffer(data, dtype=np.uint64) >> np.uint64(63)))
     return present * PAGE
 
 
@@ -176,7 +183,7 @@ class Sampler:
         self.uss0 = self.uss_peak = uss_mib()
         self.anon0 = self.anon_peak = _status_kib("RssAnon")["RssAnon"] / 1024
         self.mapped0 = self.mapped_peak = mapped_bytes(self.mapped) if self.mapped else 0
-        self.io0 = io_counters()
+        self.io0, self.probe0 = io_counters(), probe_reads[0]
         self.uss_samples = 1
         self._next_uss = time.monotonic()
         reset_peak_rss()
@@ -205,7 +212,7 @@ class Sampler:
             self._thread.join()
         self._sample(uss=True)
         uss_end = uss_mib()
-        io = io_counters()
+        io, probed = io_counters(), probe_reads[0] - self.probe0
         return {
             "rss_start_mib": self.rss0,
             "rss_peak_above_start_mib": peak_rss_mib() - self.rss0,
@@ -216,7 +223,7 @@ class Sampler:
             # The goal's figure: USS, sampled, or the anonymous part where it peaked between samples.
             "private_peak_above_start_mib": max(self.uss_peak - self.uss0, self.anon_peak - self.anon0),
             "uss_samples": self.uss_samples,
-            "rchar": io["rchar"] - self.io0["rchar"],
+            "rchar": io["rchar"] - self.io0["rchar"] - probed,  # read()/pread() of the build, not of the probes
             "storage_read_bytes": io["read_bytes"] - self.io0["read_bytes"],
             "mapped_peak_bytes": max(0, self.mapped_peak - self.mapped0),
         }

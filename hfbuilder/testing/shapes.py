@@ -69,12 +69,13 @@ SHAPES: dict[str, Shape] = {
         tie_word_embeddings=False,
     ), n_words=_LLAMA3_TOKENIZER, about="meta-llama/Meta-Llama-3-8B"),
     "llama3-scaled": Shape("llama", dict(
-        vocab_size=128256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16,
-        num_key_value_heads=4, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+        vocab_size=128256, hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     ), n_words=_LLAMA3_TOKENIZER, about=(
-        "Llama 3's 128,256-row vocabulary, untied head and 4:1 GQA at hidden 1024 and 2 layers (586 MB in fp16): "
-        "the vocabulary dominates, as in Llama-3.2-1B, and eight CPU ranks of DeepSpeed-Chat's algorithm fit in 24 GiB"
+        "Llama 3's 128,256-row vocabulary, untied head and 4:1 GQA at hidden 768 and 2 layers (428 MB in fp16): "
+        "the vocabulary dominates, as in Llama-3.2-1B, and eight CPU ranks of DeepSpeed-Chat's algorithm, each "
+        "holding the whole model, fit in 24 GiB"
     )),
 }  # fmt: skip
 
