@@ -7,7 +7,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint bench docs clean
+.PHONY: venv demo test lint bench bench-zero3 docs clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ lint: venv
 
 bench: venv
 	$(BIN)/python benchmarks/run.py --set cpu
+
+# ZeRO-3 builds on 1, 2, 4 and 8 CPU ranks: private memory and bytes read per rank (tens of minutes).
+bench-zero3: venv
+	$(BIN)/python benchmarks/zero3_scale.py --out bench-out/zero3-scale.json
 
 # The docs tools (the `docs` extra) are installed here only, not by `make venv`, to keep CI lean.
 docs: $(VENV)/.docs-installed

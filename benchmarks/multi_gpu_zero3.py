@@ -1,4 +1,4 @@
-"""Multi-GPU ZeRO-3 (issue 8): an RLHF actor and critic built, initialized and trained at world
+"""Multi-GPU ZeRO-3: an RLHF actor and critic built, initialized and trained at world
 size N, hfbuilder against DeepSpeed-Chat's algorithm, in the same run.
 
     python benchmarks/multi_gpu_zero3.py --device cuda --world-size 2 --shape opt-1.3b --steps 3
@@ -7,11 +7,12 @@ size N, hfbuilder against DeepSpeed-Chat's algorithm, in the same run.
 The script launches its own ranks (no ``deepspeed``/``torchrun`` launcher needed): NCCL on
 ``cuda`` with ``LOCAL_RANK`` picking the GPU, gloo with ``DS_ACCELERATOR=cpu`` on ``cpu``.
 
-1. It makes, once per ``--workdir``, a random fp16 OPT checkpoint of ``--shape`` with a local
-   WordLevel tokenizer (50,265 tokens for the OPT shapes, so both contenders resize to 50,272),
-   and from it a DeepSpeed-Chat step-2 output: ``ModelBuilder(AutoModel, ...).for_phase("reward")``'s
-   state dict (``v_head.weight``, ``rwtransformer.*``) in ``model.safetensors``, with config.json
-   and the tokenizer.
+1. It makes, once per ``--workdir``, random fp16 checkpoints of ``--shape`` (a shape of
+   :mod:`hfbuilder.testing.shapes`; OPT's have 50,272 rows and a 50,265-token tokenizer, as
+   published) with ``benchmarks/_common.make_checkpoints``: the causal LM, and a DeepSpeed-Chat
+   step-2 output of a reward model on it (``v_head.weight``, ``rwtransformer.*``) both as
+   ``pytorch_model.bin``, which DeepSpeed-Chat's critic reads, and as ``model.safetensors``,
+   which hfbuilder's reads.
 2. Each contender runs in its own launch of N ranks; with ``--repeat`` the launches alternate.
    Every rank builds the actor and then the critic (the build time ends at a barrier, so it is
    the slowest rank's), checks them, ``deepspeed.initialize``s both (``torch.optim.AdamW``) and
@@ -20,11 +21,12 @@ The script launches its own ranks (no ``deepspeed``/``torchrun`` launcher needed
 
    - **hfbuilder**: ``ModelBuilder(AutoModelForCausalLM, actor, tok).with_zero3(cfg)`` and
      ``ModelBuilder(AutoModel, critic, tok).for_phase("critic", num_padding_at_beginning=1).with_zero3(cfg)``.
-   - **DeepSpeed-Chat** (``create_hf_model`` and ``create_critic_model(rlhf_training=True)``) in
-     plain transformers calls: ``AutoConfig``, ``HfDeepSpeedConfig``, ``from_pretrained`` (actor) or
-     ``from_config`` (critic) under it, the end/pad ids, ``resize_token_embeddings`` to a multiple
-     of 8; the critic wrapped in a ``RewardModel`` with DeepSpeed-Chat's fp32 ``v_head`` and its
-     state dict loaded module by module under ``GatheredParameters(..., modifier_rank=0)``.
+   - **DeepSpeed-Chat**: ``create_hf_model`` and ``create_critic_model(rlhf_training=True,
+     zero_stage=3)`` from :mod:`hfbuilder.testing.dschat` (its algorithm in transformers calls):
+     ``HfDeepSpeedConfig``, ``from_pretrained`` (actor) or ``from_config`` (critic) under it, the
+     end/pad ids, ``resize_token_embeddings`` to a multiple of 8; the critic wrapped in its
+     ``RewardModel`` with an fp32 ``v_head`` and the ``.bin`` loaded module by module under
+     ``GatheredParameters(..., modifier_rank=0)``.
 3. Checks, per contender and model: every parameter partitioned (``ds_id``); the ranks agree on
    every gathered weight after the build and after training (the parent compares the ranks'
    digests); every loss finite. A failure is recorded with its error text and the run goes on.
@@ -54,20 +56,13 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
-from _common import (
-    MIB,
-    SHAPES,
-    current_rss_mib,
-    dschat_create_hf_model,
-    launch_ranks,
-    make_checkpoint,
-    peak_rss_mib,
-    reset_peak_rss,
-)
+from _common import Checkpoints, make_checkpoints
+from _probes import MIB, current_rss_mib, peak_rss_mib, reset_peak_rss
 
-from hfbuilder.testing import end_rank
+from hfbuilder.testing import SHAPES, end_rank, launch_ranks
 
 CONTENDERS = ("dschat", "hfbuilder")
 LABELS = {"dschat": "DeepSpeed-Chat", "hfbuilder": "hfbuilder"}
@@ -85,99 +80,47 @@ def ds_config(micro_batch: int) -> dict[str, Any]:
     }
 
 
-# -- checkpoints (the parent, once) -------------------------------------------------------------
-
-
-def make_critic_checkpoint(actor_dir: str, critic_dir: str) -> str:
-    """A DeepSpeed-Chat step-2 output made from the actor's checkpoint: the reward model's state
-    dict (``v_head.weight``, ``rwtransformer.*``) in fp16 safetensors, its config and the tokenizer."""
-    weights = os.path.join(critic_dir, "model.safetensors")
-    source = os.path.join(actor_dir, "model.safetensors")
-    if os.path.isfile(weights) and os.path.getmtime(weights) >= os.path.getmtime(source):
-        return critic_dir
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModel, AutoTokenizer
-
-    from hfbuilder import ModelBuilder
-
-    print(f"writing the critic's step-2 checkpoint to {critic_dir} (once)", flush=True)
-    os.makedirs(critic_dir, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(actor_dir)
-    torch.manual_seed(1)
-    reward = ModelBuilder(AutoModel, actor_dir, tok).for_phase("reward", num_padding_at_beginning=1).build()
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in reward.state_dict().items()}
-    save_file(state, weights, metadata={"format": "pt"})
-    reward.config.save_pretrained(critic_dir)
-    tok.save_pretrained(critic_dir)
-    return critic_dir
-
-
 # -- the contenders (in a rank) -------------------------------------------------------------------
 
 
-def load_state_dict_into_model(model: Any, state_dict: dict[str, Any], zero_stage: int = 3) -> None:
-    """DeepSpeed-Chat's ``load_state_dict_into_model``: module by module, each module's own
-    parameters gathered, ``_load_from_state_dict`` on rank 0, re-partitioned on exit."""
-    import deepspeed
-    import torch.distributed as dist
-
-    def load(module: Any, prefix: str = "") -> None:
-        args = (state_dict, prefix, {}, True, [], [], [])
-        if any(key.startswith(prefix) for key in state_dict):
-            if zero_stage == 3:
-                named = dict(module.named_parameters(prefix=prefix[:-1], recurse=False))
-                params = [named[k] for k in state_dict if k in named]
-                if params:
-                    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                        if dist.get_rank() == 0:
-                            module._load_from_state_dict(*args)
-            else:
-                module._load_from_state_dict(*args)
-        for name, child in module._modules.items():
-            if child is not None:
-                load(child, prefix + name + ".")
-
-    load(model)
+def padding_at_beginning(config: Any) -> int:
+    return 1 if config.model_type == "opt" else 0  # DeepSpeed-Chat's convention: OPT's tokenizer adds a BOS
 
 
-def dschat_actor(path: str, tok: Any, cfg: dict) -> Any:
+def dschat_actor(ck: Checkpoints, tok: Any, cfg: dict) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return dschat_create_hf_model(AutoModelForCausalLM, path, tok, cfg)
+    from hfbuilder.testing import dschat
+
+    return dschat.create_hf_model(AutoModelForCausalLM, str(ck.sft), tok, cfg)
 
 
-def dschat_critic(path: str, tok: Any, cfg: dict) -> Any:
-    """``create_critic_model(..., rlhf_training=True, zero_stage=3)`` in plain transformers/torch calls."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModel
+def dschat_critic(ck: Checkpoints, tok: Any, cfg: dict) -> Any:
+    """``create_critic_model(..., rlhf_training=True, zero_stage=3)``: every rank reads the step-2 ``.bin`` whole."""
+    from transformers import AutoConfig
 
-    from hfbuilder.plugins.reward_model import RewardModel, value_head_dim
+    from hfbuilder.testing import dschat
 
-    base = dschat_create_hf_model(AutoModel, path, tok, cfg, rlhf_training=True)
-    # DeepSpeed-Chat's RewardModel makes its head with nn.Linear(...): fp32, on the CPU, outside zero.Init.
-    head = torch.nn.Linear(value_head_dim(base.config), 1, bias=False)
-    critic = RewardModel(base, tok, num_padding_at_beginning=1, v_head=head)
-    state = load_file(os.path.join(path, "model.safetensors"))  # every rank reads it all, as its torch.load does
-    load_state_dict_into_model(critic, state, zero_stage=3)
-    return critic
+    npb = padding_at_beginning(AutoConfig.from_pretrained(ck.critic_bin))
+    return dschat.create_critic_model(str(ck.critic_bin), tok, cfg, npb, rlhf_training=True, zero_stage=3)
 
 
-def hfbuilder_actor(path: str, tok: Any, cfg: dict) -> Any:
+def hfbuilder_actor(ck: Checkpoints, tok: Any, cfg: dict) -> Any:
     from transformers import AutoModelForCausalLM
 
     from hfbuilder import ModelBuilder
 
-    return ModelBuilder(AutoModelForCausalLM, path, tok).with_zero3(cfg).build()
+    return ModelBuilder(AutoModelForCausalLM, ck.sft, tok).with_zero3(cfg).build()
 
 
-def hfbuilder_critic(path: str, tok: Any, cfg: dict) -> Any:
-    from transformers import AutoModel
+def hfbuilder_critic(ck: Checkpoints, tok: Any, cfg: dict) -> Any:
+    """The same step-2 weights as DeepSpeed-Chat's, from ``model.safetensors``."""
+    from transformers import AutoConfig, AutoModel
 
     from hfbuilder import ModelBuilder
 
-    return ModelBuilder(AutoModel, path, tok).for_phase("critic", num_padding_at_beginning=1).with_zero3(cfg).build()
+    npb = padding_at_beginning(AutoConfig.from_pretrained(ck.critic_st))
+    return ModelBuilder(AutoModel, ck.critic_st, tok).for_phase("critic", num_padding_at_beginning=npb).with_zero3(cfg).build()
 
 
 BUILDERS = {
@@ -300,18 +243,19 @@ class Rank:
 def run_rank(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
-    import transformers.models.opt.modeling_opt  # noqa: F401  (imported before timing, for both)
-    from safetensors.torch import load_file  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before timing, for both)
+    import transformers.models.opt.modeling_opt  # noqa: F401
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     from transformers.integrations import HfDeepSpeedConfig  # noqa: F401
 
     import hfbuilder.plugins  # noqa: F401  (the builder's stage modules, imported before timing)
     import hfbuilder.plugins.reward_model  # noqa: F401
+    from hfbuilder.testing import dschat  # noqa: F401
 
     r = Rank(args.rank_out, args.worker, args.device)
     cfg = ds_config(args.micro_batch)
-    tok = AutoTokenizer.from_pretrained(args.actor)
-    paths = {"actor": args.actor, "critic": args.critic}
+    ck = Checkpoints(Path(args.checkpoints))
+    tok = AutoTokenizer.from_pretrained(ck.sft)
     r.data["rss_start_mib"] = current_rss_mib()
     models: dict[str, Any] = {}
 
@@ -323,7 +267,7 @@ def run_rank(args: argparse.Namespace) -> None:
         entry["rss_start_mib"], entry["gpu_start_mib"] = current_rss_mib(), r.gpu_mib(peak=False)
         start = time.perf_counter()
         try:
-            models[name] = BUILDERS[args.worker][name](paths[name], tok, copy.deepcopy(cfg))
+            models[name] = BUILDERS[args.worker][name](ck, tok, copy.deepcopy(cfg))
         except Exception as exc:
             entry["errors"]["build"] = _error(exc)
         entry["own_seconds"] = time.perf_counter() - start
@@ -571,7 +515,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, default=2, help="ranks per launch (default 2)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda: NCCL, one GPU per rank; cpu: gloo")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="opt-1.3b", help="the OPT shape (default opt-1.3b)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="opt-1.3b", help="the model shape (default opt-1.3b)")
     ap.add_argument("--steps", type=int, default=3, help="training steps per model (default 3)")
     ap.add_argument("--repeat", type=int, default=1, help="launches per contender, alternating (default 1)")
     ap.add_argument("--micro-batch", type=int, default=2, help="sequences per rank and step (default 2)")
@@ -583,7 +527,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prepare", action="store_true",
                     help="only make the checkpoints in --workdir (once), then exit: a long run can be split")
     ap.add_argument("--out", help="the JSON results (default WORKDIR/results-DEVICExN.json); tables go beside it as .md")
-    for hidden in ("--worker", "--actor", "--critic", "--rank-out"):
+    for hidden in ("--worker", "--checkpoints", "--rank-out"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.seq_len is None:
@@ -610,10 +554,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--device cuda --world-size {args.world_size} needs {args.world_size} GPUs; this host has {found}",
                   file=sys.stderr)  # fmt: skip
             return 2
-    actor = make_checkpoint(os.path.join(args.workdir, "actor"), args.shape)
-    critic = make_critic_checkpoint(actor, os.path.join(args.workdir, "critic"))
+    ck = make_checkpoints(args.shape, Path(args.workdir))
     if args.prepare:
-        print(f"checkpoints ready: {actor}, {critic}")
+        print(f"checkpoints ready: {ck.root}")
         return 0
     logs = os.path.join(args.workdir, "logs")
     runs: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
@@ -624,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             for stale in range(args.world_size):
                 if os.path.exists(f"{prefix}-{stale}.json"):
                     os.remove(f"{prefix}-{stale}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", contender, "--actor", actor, "--critic", critic,
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", contender, "--checkpoints", str(ck.root),
                    "--rank-out", prefix, "--device", args.device, "--shape", args.shape, "--steps", str(args.steps),
                    "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr)]  # fmt: skip
             launch = launch_ranks(cmd, args.world_size, args.device, args.threads, args.timeout, log_dir=logs,

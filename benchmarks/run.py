@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import statistics
@@ -68,151 +67,25 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing hfb
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when loaded by file path
     sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from _common import current_rss_mib, peak_rss_mib  # noqa: E402
+from _common import Checkpoints, make_checkpoints  # noqa: E402
+from _probes import current_rss_mib, peak_rss_mib  # noqa: E402
 
-# -- shapes and checkpoints ------------------------------------------------------------------------
+from hfbuilder.testing import SHAPES  # noqa: E402
 
-#: OPT shapes (as published for facebook/opt-350m and facebook/opt-1.3b) and a tiny one for smoke tests.
-SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
-                 max_position_embeddings=64, vocab_size=56, n_words=46),
-    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
-                     word_embed_proj_dim=512, do_layer_norm_before=False, max_position_embeddings=2048,
-                     vocab_size=50272, n_words=50261),
-    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
-                     word_embed_proj_dim=2048, max_position_embeddings=2048, vocab_size=50272, n_words=50261),
-}
-CHECKPOINT_VERSION = 1  # bump when the files' layout changes, so cached checkpoints are remade
-
-
-@dataclass(frozen=True)
-class Checkpoints:
-    """The directories one shape's contenders read."""
-
-    root: Path
-
-    @property
-    def sft(self) -> Path:  # a causal LM saved by save_pretrained: model.safetensors
-        return self.root / "sft"
-
-    @property
-    def critic_bin(self) -> Path:  # DeepSpeed-Chat step 2's output: config, tokenizer, pytorch_model.bin
-        return self.root / "critic-bin"
-
-    @property
-    def critic_st(self) -> Path:  # the same reward-model weights as model.safetensors
-        return self.root / "critic-st"
-
-
-def checkpoint_spec(shape: str) -> dict[str, Any]:
-    return {"version": CHECKPOINT_VERSION, "shape": shape, **SHAPES[shape], "dtype": "float16", "seed": 0}
-
-
-def opt_config(shape: str) -> Any:
-    from transformers import OPTConfig
-
-    from hfbuilder.testing import BOS_ID, EOS_ID, PAD_ID
-
-    spec = {k: v for k, v in SHAPES[shape].items() if k != "n_words"}
-    return OPTConfig(**spec, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, dtype="float16")
-
-
-def make_checkpoints(shape: str, workdir: Path, fill_device: str | None = None) -> Checkpoints:
-    """Write random fp16 checkpoints of ``shape`` under ``workdir/shape`` (kept while the spec holds).
-
-    The weights are drawn on ``fill_device`` (a GPU draws 1.3B numbers in well under a second) and
-    saved from the CPU. No weight is initialized twice: the model is built on the meta device.
-    """
-    import torch
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    from hfbuilder.testing import make_tokenizer
-
-    ck = Checkpoints(workdir / shape)
-    marker = ck.root / "spec.json"
-    spec = checkpoint_spec(shape)
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
-        return ck
-    ck.root.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    if fill_device is None:
-        fill_device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = opt_config(shape)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-    model = model.to_empty(device=fill_device)
-    gen = torch.Generator(device=fill_device).manual_seed(spec["seed"])
-    with torch.no_grad():
-        for p in model.parameters():  # OPT has no buffers that to_empty could leave as garbage
-            p.normal_(0.0, 0.02, generator=gen)
-    model.tie_weights()
-    model = model.to("cpu")
-    tokenizer = make_tokenizer(spec["n_words"])
-    model.save_pretrained(ck.sft)
-    tokenizer.save_pretrained(ck.sft)
-
-    # DeepSpeed-Chat's RewardModel keys: the base model under rwtransformer., and v_head.weight.
-    state = {f"rwtransformer.{k}": v for k, v in model.model.state_dict().items()}
-    head_dim = config.word_embed_proj_dim or config.hidden_size
-    state["v_head.weight"] = (torch.randn(1, head_dim, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.float16)
-    for d in (ck.critic_bin, ck.critic_st):
-        d.mkdir(parents=True, exist_ok=True)
-        config.save_pretrained(d)
-        tokenizer.save_pretrained(d)
-    torch.save(state, ck.critic_bin / "pytorch_model.bin")
-    save_file({k: v.contiguous() for k, v in state.items()}, ck.critic_st / "model.safetensors", metadata={"format": "pt"})
-    marker.write_text(json.dumps(spec))
-    return ck
-
+OPT_SHAPES = sorted(name for name, s in SHAPES.items() if s.model_type == "opt")  # the cases name OPT's modules
 
 # -- the contenders (run inside a worker; the timed region is the call) ---------------------------
 
-DSCHAT_DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout")
 DROPOUT = 0.0
 NUM_PADDING_AT_BEGINNING = 1  # OPT's convention in DeepSpeed-Chat
-
-
-def dschat_model(model_class: Any, path: Path, tokenizer: Any, rlhf_training: bool = False) -> Any:
-    """DeepSpeed-Chat's ``create_hf_model`` algorithm with plain transformers calls (not its code)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    for key in DSCHAT_DROPOUT_KEYS:
-        if hasattr(config, key):
-            setattr(config, key, DROPOUT)
-    if rlhf_training:
-        model = model_class.from_config(config)  # every weight randomly initialized, then overwritten
-    else:
-        model = model_class.from_pretrained(path, config=config)
-    model.config.end_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = model.config.eos_token_id
-    model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
-    return model
-
-
-def value_head_model(base: Any, tokenizer: Any) -> Any:
-    """A stand-in for DeepSpeed-Chat's RewardModel: the attributes and state-dict keys the critic load needs."""
-    from torch import nn
-
-    class ValueHeadModel(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.config = base.config
-            width = getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size
-            self.v_head = nn.Linear(width, 1, bias=False)  # default dtype, as DeepSpeed-Chat leaves it
-            self.rwtransformer = base
-            self.PAD_ID = tokenizer.pad_token_id
-            self.num_padding_at_beginning = NUM_PADDING_AT_BEGINNING
-
-    return ValueHeadModel()
 
 
 def c_sft_dschat(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    return dschat_model(AutoModelForCausalLM, ck.sft, tok), None
+    from hfbuilder.testing import dschat
+
+    return dschat.create_hf_model(AutoModelForCausalLM, str(ck.sft), tok, dropout=DROPOUT), None
 
 
 def c_sft_hfbuilder(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
@@ -247,17 +120,16 @@ def c_device_dschat_fp32(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, A
     ratios use the transformers 5 baseline above.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(ck.sft)
-    for key in DSCHAT_DROPOUT_KEYS:
-        if hasattr(config, key):
-            setattr(config, key, DROPOUT)
-    model = AutoModelForCausalLM.from_pretrained(ck.sft, config=config, dtype=torch.float32)
-    model.config.end_token_id = tok.eos_token_id
-    model.config.pad_token_id = model.config.eos_token_id
-    model.resize_token_embeddings(int(8 * math.ceil(len(tok) / 8.0)))
-    return model.to(device), None
+    from hfbuilder.testing import dschat
+
+    class Float32Default:  # transformers 4's from_pretrained: float32 unless told otherwise
+        @staticmethod
+        def from_pretrained(path: str, **kwargs: Any) -> Any:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+    return dschat.create_hf_model(Float32Default, str(ck.sft), tok, dropout=DROPOUT).to(device), None
 
 
 def c_device_hfbuilder(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
@@ -276,12 +148,10 @@ def c_device_safetensors(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, A
 
 
 def c_critic_dschat(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModel
+    from hfbuilder.testing import dschat
 
-    critic = value_head_model(dschat_model(AutoModel, ck.critic_bin, tok, rlhf_training=True), tok)
-    state = torch.load(ck.critic_bin / "pytorch_model.bin", map_location="cpu")
-    critic.load_state_dict(state, strict=False)  # DeepSpeed-Chat ignores missing and unexpected keys
+    critic = dschat.create_critic_model(str(ck.critic_bin), tok, None, NUM_PADDING_AT_BEGINNING, rlhf_training=True,
+                                        dropout=DROPOUT)  # fmt: skip
     return critic.to(device), None
 
 
@@ -397,7 +267,7 @@ def _check(case: Case, contender: Contender, ck: Checkpoints, built: Any, device
     import torch
     from safetensors import safe_open
 
-    last = SHAPES[case.shape]["num_hidden_layers"] - 1
+    last = SHAPES[case.shape].fields["num_hidden_layers"] - 1
     if contender.reads == "sft":
         file = ck.sft / "model.safetensors"
         names = [f"model.decoder.layers.{last}.fc2.weight"]
@@ -562,7 +432,7 @@ def _median(samples: list[dict[str, Any]], key: str) -> float | None:
 def run_case(case: Case, args: argparse.Namespace, log: Any) -> Outcome:
     out = Outcome({c.name: [] for c in case.contenders})
     if case.needs_head and not head_available(case.needs_head):
-        out.skipped = f"no {case.needs_head!r} head is registered (issue 4 not merged yet)"
+        out.skipped = f"no {case.needs_head!r} head is registered in this hfbuilder"
         return out
     shape = case_shape(case, args)
     device = args.device if case.gpu else "cpu"
@@ -697,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     p.add_argument("--make", metavar="SHAPE", help=argparse.SUPPRESS)
-    p.add_argument("--shape", choices=sorted(SHAPES), help="run every case at this shape instead of its own")
+    p.add_argument("--shape", choices=OPT_SHAPES, help="run every case at this shape instead of its own")
     args = p.parse_args(argv)
 
     if args.make:

@@ -13,8 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from hfbuilder import BuilderInputError, HFBuilderError, ModelBuilder, UnknownHeadError
 from hfbuilder.compat import create_hf_model
 from hfbuilder.testing import make_tokenizer
-
-from .dschat_reference import dschat_create_hf_model
+from hfbuilder.testing.dschat import create_hf_model as dschat_create_hf_model
 
 DEFAULT_PLAN = ["config", "dropout", "zero", "load", "token_align", "resize"]
 

@@ -14,7 +14,7 @@ from hfbuilder import CheckpointError, ModelBuilder
 from hfbuilder.testing import PAD_ID
 from hfbuilder.weights import open_checkpoint
 
-FAMILIES = [("opt", 1), ("llama", 0), ("gpt_neox", 0)]
+from .conftest import REWARD_FAMILIES as FAMILIES
 
 
 def step2_dir(tmp_path, model, tok, fmt: str, state: dict | None = None) -> str:
@@ -32,18 +32,13 @@ def step2_dir(tmp_path, model, tok, fmt: str, state: dict | None = None) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(model_dir, tokenizer_for):
+def trained(reward_models):
     """Reward models as step 2 leaves them (pretrained base, v_head set to non-default values)."""
-    from transformers import AutoModel
-
     out = {}
-    for family, npb in FAMILIES:
-        path = model_dir(family)
-        tok = tokenizer_for(path)
-        rm = ModelBuilder(AutoModel, path, tok).with_head("reward", num_padding_at_beginning=npb).build()
+    for family, (rm, npb, _, tok) in reward_models.items():
         with torch.no_grad():
             rm.v_head.weight.copy_(torch.linspace(-1, 1, rm.v_head.weight.numel()).view_as(rm.v_head.weight))
-        out[family] = (rm.eval(), npb, tok)
+        out[family] = (rm, npb, tok)
     return out
 
 

@@ -11,11 +11,9 @@ from torch import nn
 from hfbuilder import BuilderInputError, HFBuilderError, ModelBuilder
 from hfbuilder.plugins.reward import RewardModel
 from hfbuilder.testing import EOS_ID, PAD_ID
+from hfbuilder.testing.dschat import end_scores, pairwise
 
-from ._dschat_reference import end_scores, pairwise
-
-#: The three families the issue names; OPT pads the first token (num_padding_at_beginning=1).
-FAMILIES = [("opt", 1), ("llama", 0), ("gpt_neox", 0)]
+from .conftest import REWARD_FAMILIES as FAMILIES
 
 
 def exact(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -28,19 +26,6 @@ def pairs_batch(npb: int) -> torch.Tensor:
     chosen = [lead + [5, 6, 7, 8, EOS_ID, PAD_ID, PAD_ID], lead + [5, 9, 10, EOS_ID, PAD_ID, PAD_ID, PAD_ID]]
     rejected = [lead + [5, 6, 11, EOS_ID, PAD_ID, PAD_ID, PAD_ID], lead + [5, 9, 12, 13, 14, 15, EOS_ID]]
     return torch.tensor(chosen + rejected)
-
-
-@pytest.fixture(scope="module")
-def reward_models(model_dir, tokenizer_for):
-    from transformers import AutoModel
-
-    out = {}
-    for family, npb in FAMILIES:
-        path = model_dir(family)
-        tok = tokenizer_for(path)
-        model = ModelBuilder(AutoModel, path, tok).with_head("reward", num_padding_at_beginning=npb).build()
-        out[family] = (model.eval(), npb, path, tok)
-    return out
 
 
 @pytest.mark.parametrize("family", [f for f, _ in FAMILIES])
