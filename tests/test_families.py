@@ -22,8 +22,8 @@ import hfbuilder
 from hfbuilder import InvariantError, ModelBuilder, PluginError
 from hfbuilder.plugins.moe import plan_leaves, routed_expert_blocks
 from hfbuilder.testing import LOOPED_MOE, MODERN_FAMILIES, MOE_FAMILIES, PAD_ID, looped_moe_classes, make_config
+from hfbuilder.testing.dschat import create_hf_model as dschat_create_hf_model
 
-from .dschat_reference import dschat_create_hf_model
 from .zero3_harness import LoopedMoeLeafPlugin, run_ranks
 
 WORKER = os.path.join(os.path.dirname(__file__), "families_worker.py")
