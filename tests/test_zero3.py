@@ -78,7 +78,7 @@ def _ok(results, check):
 # -- real DeepSpeed, world size 2 ---------------------------------------------------------------
 
 WORLD2_CHECKS = ["lm_llama", "lm_opt", "bin", "head", "checkpoint", "global_state", "stage2", "train_lm", "train_head",
-                 "critic", "train_reward"]
+                 "critic", "critic_rank0", "train_reward"]
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +196,18 @@ def test_critic_reward_model_loaded_into_partitions(world2):
         assert facts["equal_checkpoint"] == facts["keys"]  # every tensor, v_head too, is the checkpoint's
         assert "v_head.weight" in facts["keys"] and facts["v_head"] == "checkpoint"
     assert ranks[0]["digests"] == ranks[1]["digests"]
+
+
+@pytest.mark.zero3
+def test_rank0_reads_for_every_rank_when_asked(world2):
+    """zero3_read="rank0": rank 0 reads each tensor and scatters the slices; the model is the same."""
+    plain, scattered = _ok(world2, "critic"), _ok(world2, "critic_rank0")
+    for rank, (a, b) in enumerate(zip(plain, scattered, strict=True)):
+        _assert_partitioned(b)
+        assert b["digests"] == a["digests"], f"rank {rank}"
+        assert any("read on rank 0 and scattered" in note for note in b["notes"])
+    assert scattered[0]["reads"] > 0 and scattered[1]["reads"] == 0, scattered[1]["read_keys"]  # rank 1 reads no data
+
 
 
 # -- real DeepSpeed, world size 1, distributed initialized by the caller -------------------------

@@ -329,6 +329,36 @@ def check_critic(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_critic_rank0(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same critic with ``zero3_read="rank0"``: rank 0 reads every tensor, the others none."""
+    import hfbuilder.zero3.fill as fill_module
+    import hfbuilder.zero3.load as load_module
+
+    reads: list[str] = []
+    original = fill_module.read_rows
+
+    def counting(reader: Any, key: str, start: int, stop: int | None) -> torch.Tensor:
+        if hasattr(reader, "file"):  # a checkpoint, not the rows the partitioned resize keeps in memory
+            reads.append(key)
+        return original(reader, key, start, stop)
+
+    fill_module.read_rows = load_module.read_rows = counting
+    try:
+        path = spec["critic_dir"]
+        builder = ModelBuilder(AutoModel, path, AutoTokenizer.from_pretrained(path)).for_phase(
+            "critic", num_padding_at_beginning=1).with_zero3(spec["ds"]).with_options(zero3_read="rank0")
+        model, report = builder.build_with_report()
+    finally:
+        fill_module.read_rows = load_module.read_rows = original
+    return {
+        **partition_facts(model),
+        "digests": {k: digest(v) for k, v in gathered(model).items()},
+        "reads": len(reads),
+        "read_keys": reads[:5],
+        "notes": report.stage("checkpoint").actions,
+    }
+
+
 def reward_loss(engine: Any, ids: torch.Tensor) -> torch.Tensor:
     """Chosen = ids, rejected = ids with a different tail: DeepSpeed-Chat's pairwise loss."""
     rejected = ids.clone()
@@ -367,6 +397,7 @@ CHECKS = {
     "train_head": check_train_head,
     "local_rank": check_local_rank,
     "critic": check_critic,
+    "critic_rank0": check_critic_rank0,
     "train_reward": check_train_reward,
 }
 

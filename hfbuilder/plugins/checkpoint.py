@@ -102,7 +102,8 @@ class CheckpointStage(Stage):
         if ctx.zero3:
             from ..zero3 import load_checkpoint_into_partitions
 
-            filled = load_checkpoint_into_partitions(ctx.model, reader, plan, ds_config=ctx.ds_config)
+            filled = load_checkpoint_into_partitions(ctx.model, reader, plan, ds_config=ctx.ds_config,
+                                                     read=ctx.settings("zero").read)
             ctx.report.provenance.update(filled.provenance)
             ctx.note(filled.describe())
         else:

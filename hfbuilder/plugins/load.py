@@ -129,7 +129,8 @@ class LoadStage(Stage):
 
             # Each rank reads only the safetensors rows of its own partitions, when it can.
             loaded = load_pretrained_partitioned(ctx.model_name_or_path, ctx.model_class, config, dtype,
-                                                 trust_remote_code=ctx.settings("config").trust_remote_code)
+                                                 trust_remote_code=ctx.settings("config").trust_remote_code,
+                                                 read=ctx.settings("zero").read)
             if loaded.model is None:
                 ctx.note(f"ZeRO-3 partition loader skipped: {loaded.skipped}; using from_pretrained")
             else:

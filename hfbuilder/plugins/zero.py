@@ -15,10 +15,13 @@ row, ``after:<stage>``.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
+from typing import Literal
 
 from ..context import BuildContext
 from ..errors import BuilderInputError
 from ..hookspecs import hookimpl
+from ..settings import Settings, setting
 from ..stage import Stage
 from ..zero3 import (
     check_distributed,
@@ -28,6 +31,14 @@ from ..zero3 import (
     listed,
     partition_unpartitioned,
 )
+
+
+@dataclass(frozen=True)
+class ZeroSettings(Settings):
+    read: Literal["all", "rank0"] = setting(
+        "all", option="zero3_read", doc="under ZeRO-3, who reads checkpoint data: each rank its own rows (all), or "
+                                        "rank 0 for every rank, scattering the slices (rank0: for storage where one "
+                                        "reader beats N)")
 
 
 class ZeroStage(Stage):
@@ -40,6 +51,7 @@ class ZeroStage(Stage):
 
     name = "zero"
     after = ("dropout",)
+    Settings = ZeroSettings
 
     def check(self, ctx: BuildContext) -> None:
         if not ctx.zero3:

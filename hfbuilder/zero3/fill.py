@@ -61,6 +61,51 @@ def fill_gathered(param: Any, reader: Reader, key: str, rows: int | None = None)
             target.copy_(read_rows(reader, key, 0, rows).reshape(target.shape))
 
 
+def scatter_fill(param: Any, reader: Reader | None, key: str, rows: int | None = None) -> None:
+    """Rank 0 of ``param``'s group reads ``key`` and sends every rank its share (collective).
+
+    For storage where one reader is faster than N (network file systems): the other ranks open no
+    tensor data. Rank 0 holds one tensor at a time, the largest of the model at most.
+    """
+    import torch
+    import torch.distributed as dist
+
+    part = param.ds_tensor
+    group = param.ds_process_group
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    shape = tuple(param.ds_shape)
+    row = math.prod(shape[1:]) if shape else 1
+    size = part.ds_numel
+    limit = param.ds_numel if rows is None else min(param.ds_numel, rows * row)
+    received = torch.empty(size, dtype=part.dtype, device=part.device)
+    chunks = None
+    if me == 0:
+        assert reader is not None, "rank 0 reads for every rank"
+        flat = read_rows(reader, key, 0, rows).reshape(-1).to(part.dtype)
+        chunks = []
+        for r in range(world):
+            piece = flat[r * size: min((r + 1) * size, limit)]
+            chunk = torch.zeros(size, dtype=part.dtype, device=part.device)
+            chunk[: piece.numel()].copy_(piece)
+            chunks.append(chunk)
+    dist.scatter(received, chunks, src=dist.get_global_rank(group, 0), group=group)
+    start = me * size
+    stop = min(start + size, limit)
+    if start < stop:  # rows past ``limit`` (grown by resize, not in the file) keep their values
+        part.data[: stop - start].copy_(received[: stop - start])
+
+
+def broadcast_fill(tensor: Any, reader: Reader | None, key: str, rows: int | None = None) -> None:
+    """An unpartitioned tensor (a buffer): rank 0 reads it, every rank receives it (collective)."""
+    import torch.distributed as dist
+
+    target = tensor.data if rows is None else tensor.data[:rows]
+    if dist.get_rank() == 0:
+        assert reader is not None, "rank 0 reads for every rank"
+        target.copy_(read_rows(reader, key, 0, rows).reshape(target.shape))
+    dist.broadcast(target, src=0)
+
+
 def fill(param: Any, reader: Reader, key: str, rows: int | None = None) -> bool:
     """Fill ``param`` from ``key``: its own partition directly, else gathered from rank 0. True if direct."""
     if fill_partition(param, reader, key, rows):
@@ -69,4 +114,4 @@ def fill(param: Any, reader: Reader, key: str, rows: int | None = None) -> bool:
     return False
 
 
-__all__ = ["fill", "fill_gathered", "fill_partition", "read_rows"]
+__all__ = ["broadcast_fill", "fill", "fill_gathered", "fill_partition", "read_rows", "scatter_fill"]

@@ -17,7 +17,7 @@ from ..errors import BuilderInputError, CheckpointError
 from ..weights.match import LoadPlan, check_plan, match_keys
 from ..weights.reader import CheckpointReader, Reader, find_checkpoint, open_checkpoint
 from ..weights.tied import tensor_groups
-from .fill import fill, read_rows
+from .fill import broadcast_fill, fill, read_rows, scatter_fill
 from .partition import build_partitioned, is_partitioned, listed, partition_unpartitioned
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,12 +35,16 @@ class PartitionFill:
     direct: int
     #: partitions not in memory here (NVMe offload), gathered and filled from rank 0.
     gathered: int
+    #: partitions rank 0 read and scattered (``read="rank0"``).
+    scattered: int = 0
     #: parameter name -> provenance label, for every name of every parameter filled.
     provenance: dict[str, str] = field(default_factory=dict)
     source: str = ""
 
     def describe(self) -> str:
         how = f"{self.direct} partitions filled from their own rows"
+        if self.scattered:
+            how = f"{self.scattered} tensors read on rank 0 and scattered to the ranks"
         if self.gathered:
             how += f", {self.gathered} gathered and filled from rank 0"
         return f"loaded {self.tensors} tensors from {self.source} into ZeRO-3 partitions: {how}"
@@ -65,6 +69,7 @@ def load_checkpoint_into_partitions(
     *,
     ds_config: Mapping[str, Any] | None = None,
     label: str = PROVENANCE_CHECKPOINT,
+    read: str = "all",
 ) -> PartitionFill:
     """Load a checkpoint into a ZeRO-3 partitioned model, each rank reading only its own rows.
 
@@ -83,8 +88,17 @@ def load_checkpoint_into_partitions(
     partition is not in memory (NVMe offload) is gathered and filled from rank 0 instead.
     Buffers are not partitioned: every rank reads them whole (they are small). Collective
     (all ranks must call it) because of partitioning and that fallback.
+
+    ``read="rank0"``: rank 0 alone reads tensor data and scatters each partition to its rank
+    (buffers are broadcast), for storage where one reader beats N; every rank still reads the
+    headers, which the key plan needs.
     """
     import torch
+    import torch.distributed as dist
+
+    if read not in ("all", "rank0"):
+        raise BuilderInputError(f"read must be 'all' or 'rank0', got {read!r}")
+    one_reader = read == "rank0" and dist.is_initialized() and dist.get_world_size() > 1
 
     reader, opened = _as_reader(reader)
     try:
@@ -101,15 +115,21 @@ def load_checkpoint_into_partitions(
             raise CheckpointError(f"the load plan names tensors {type(model).__name__} does not have: {listed(unknown)}")
         wanted = {id(group_of[name].tensor): key for name, key in plan.sources.items()}
         rows_of = {id(group_of[name].tensor): rows for name, (rows, _) in plan.partial_rows.items()}
-        direct = gathered = 0
+        direct = gathered = scattered = 0
         provenance: dict[str, str] = {}
+        data = reader if not one_reader or dist.get_rank() == 0 else None
         with torch.no_grad():
             for group in groups:  # state_dict order: the same on every rank
                 key = wanted.get(id(group.tensor))
                 if key is None:
                     continue
                 tensor, rows = group.tensor, rows_of.get(id(group.tensor))
-                if not is_partitioned(tensor):
+                if one_reader and not is_partitioned(tensor):
+                    broadcast_fill(tensor, data, key, rows)
+                elif one_reader and tensor.ds_tensor is not None and getattr(tensor.ds_tensor, "final_location", None) is None:
+                    scatter_fill(tensor, data, key, rows)
+                    scattered += 1
+                elif not is_partitioned(tensor):
                     value = read_rows(reader, key, 0, rows)
                     target = tensor.data if rows is None else tensor.data[:rows]
                     target.copy_(value.reshape(target.shape))
@@ -119,7 +139,7 @@ def load_checkpoint_into_partitions(
                     gathered += 1
                 if group.is_parameter:
                     provenance.update(dict.fromkeys(group.names, label))
-        return PartitionFill(len(wanted), direct, gathered, provenance, source)
+        return PartitionFill(len(wanted), direct, gathered, scattered=scattered, provenance=provenance, source=source)
     finally:
         if opened and isinstance(reader, CheckpointReader):
             reader.close()
@@ -138,7 +158,7 @@ class PretrainedLoad:
 
 
 def load_pretrained_partitioned(
-    path: str, model_class: Any, config: Any, dtype: Any, *, trust_remote_code: bool = False
+    path: str, model_class: Any, config: Any, dtype: Any, *, trust_remote_code: bool = False, read: str = "all"
 ) -> PretrainedLoad:
     """``model_class.from_pretrained(path)`` under ZeRO-3 without transformers' loader, when it can.
 
@@ -175,7 +195,7 @@ def load_pretrained_partitioned(
         if why is not None:
             del model
             return PretrainedLoad(skipped=why)
-        done = load_checkpoint_into_partitions(model, reader, plan, label=PROVENANCE_PRETRAINED)
+        done = load_checkpoint_into_partitions(model, reader, plan, label=PROVENANCE_PRETRAINED, read=read)
         stored = set(reader.keys())
     model.eval()  # as from_pretrained leaves it
     if model.can_generate():
