@@ -176,6 +176,18 @@ class ModelBuilder:
         """Load the weights straight onto ``device`` (``"cuda"``, ``"cuda:1"``, ``"cpu"``...)."""
         return self.configure("load", device=str(device))
 
+    def with_loader(self, loader: str, *, io: str | None = None) -> ModelBuilder:
+        """Read weights with ``loader``: ``"auto"`` (the default), ``"safetensors"`` or ``"instanttensor"``.
+
+        instanttensor (``pip install 'hfbuilder[fast]'``) reads safetensors onto CUDA devices with
+        pinned, pipelined copies; ``auto`` uses it when it is installed and the device is CUDA.
+        ``io`` is its reads' path: ``"buffered"``, ``"direct"`` or ``"auto"`` (see ``load.io``).
+        """
+        fields_: dict[str, Any] = {"loader": loader}
+        if io is not None:
+            fields_["io"] = io
+        return self.configure("load", **fields_)
+
     def with_head(self, name: str, **options: Any) -> ModelBuilder:
         """Wrap the built model in the head called ``name`` (e.g. ``"reward"``)."""
         if not isinstance(name, str) or not name:

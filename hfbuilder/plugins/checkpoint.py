@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from ..checkpoint_io import CheckpointReader, find_checkpoint, open_checkpoint
 from ..context import PROVENANCE_CHECKPOINT, PROVENANCE_RESIZED, BuildContext
 from ..errors import CheckpointError
 from ..hookspecs import hookimpl
+from ..loaders import LoaderChoice, device_source
 from ..settings import Settings, setting
 from ..stage import Stage
 
@@ -97,13 +99,17 @@ def legacy_names(model: Any, keys: list[str], expected: set[str]) -> dict[str, s
     applied here; checkpoints that need tensors merged or split are reported as
     mismatched keys.
     """
+    unmatched = [k for k in keys if k not in expected]
+    if not unmatched:
+        # transformers builds its table of renamings (about a thousand compiled patterns) on
+        # first use: a checkpoint whose every key matches must not pay for it.
+        return {}
     try:
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, apply_renamings
     except ImportError:  # pragma: no cover - older transformers: nothing to rename
         return {}
-    unmatched = [k for k in keys if k not in expected]
     found: dict[str, str] = {}
     roots = [(n, m) for n, m in model.named_modules() if isinstance(m, PreTrainedModel)]
     for prefix, pm in roots:
@@ -230,14 +236,17 @@ def _set_tensor(model: Any, name: str, value: Any) -> None:
         owner._buffers[attr] = value
 
 
-def assign_from_checkpoint(model: Any, plan: LoadPlan, reader: CheckpointReader, ctx: BuildContext) -> int:
-    """Make each tensor the checkpoint's (``load_state_dict(assign=True)``); returns the bytes loaded."""
+def assign_from_checkpoint(model: Any, plan: LoadPlan, reader: CheckpointReader, *, device: Any = None,
+                           keep_dtype: bool = False, mmap: bool = True) -> int:
+    """Make each tensor the checkpoint's (``load_state_dict(assign=True)``); returns the bytes loaded.
+
+    ``device``: read each tensor straight onto it (None: memory-mapped on the CPU). ``keep_dtype``:
+    keep floating tensors in the checkpoint's dtype (``dtype="auto"``) instead of the model's.
+    ``mmap=False`` copies tensors out of the file.
+    """
     import torch
 
-    want_dtype = ctx.dtype
-    device = ctx.settings("load").device
     device = None if device in (None, "meta") else device
-    keep_mmap = ctx.settings("checkpoint").mmap
     current = model.state_dict(keep_vars=True)
     state: dict[str, Any] = {}
     nbytes = 0
@@ -245,7 +254,7 @@ def assign_from_checkpoint(model: Any, plan: LoadPlan, reader: CheckpointReader,
         tensor = reader.get_tensor(key, device=device)
         loaded = tensor
         like = current[name]
-        if tensor.is_floating_point() and want_dtype != "auto":
+        if tensor.is_floating_point() and not keep_dtype:
             tensor = tensor.to(like.dtype)  # the dtype the model was built in: the setting's or the config's
         elif not tensor.is_floating_point() and tensor.dtype != like.dtype:
             tensor = tensor.to(like.dtype)
@@ -254,7 +263,7 @@ def assign_from_checkpoint(model: Any, plan: LoadPlan, reader: CheckpointReader,
             full = torch.empty((new, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
             full[:old].copy_(tensor)
             tensor = full  # rows old:new are initialized by the materialize stage
-        elif tensor is loaded and not keep_mmap:
+        elif tensor is loaded and not mmap:
             tensor = tensor.clone()
         state[name] = tensor
         nbytes += tensor.numel() * tensor.element_size()
@@ -327,9 +336,29 @@ class CheckpointStage(Stage):
             load_checkpoint_into_partitions(ctx.model, reader, ctx)
             ctx.note(f"loaded {len(plan.sources)} tensors from {reader.file} into ZeRO-3 partitions")
         else:
-            nbytes = assign_from_checkpoint(ctx.model, plan, reader, ctx)
+            load = ctx.settings("load")
+            device = None if load.device in (None, "meta") else load.device
+            start = time.perf_counter()
+            started, ctx.weights_read = ctx.weights_read, None
+            try:
+                source, how, loaded = device_source(reader, device, load.loader, load.io, started)
+            except CheckpointError as exc:
+                if load.loader != "auto":
+                    raise
+                ctx.warn(f"{exc}; read with safetensors instead")
+                source, how, loaded = reader, LoaderChoice("safetensors", "instanttensor's read failed"), None
+            nbytes = assign_from_checkpoint(ctx.model, plan, source, device=device, keep_dtype=ctx.dtype == "auto",
+                                            mmap=settings.mmap)
+            seconds = time.perf_counter() - start
             ctx.rows_to_fill.update(plan.partial_rows)
             ctx.note(f"assigned {len(plan.sources)} tensors ({nbytes / 2**20:.1f} MiB) from {reader.file} ({reader.format})")
+            ctx.fact("loader", how.name)
+            if device not in (None, "cpu") and seconds > 0:
+                nbytes, seconds = (loaded.bytes, loaded.seconds) if loaded is not None else (nbytes, seconds)
+                ctx.fact("load_bytes", nbytes)
+                ctx.fact("load_gbps", round(nbytes / seconds / 1e9, 2))
+                ctx.note(f"read {nbytes / 1e9:.2f} GB onto {device} in {seconds:.3f} s "
+                         f"({nbytes / seconds / 1e9:.1f} GB/s) with {how.name} ({how.why})")
         self._record(ctx, plan)
 
     def _record(self, ctx: BuildContext, plan: LoadPlan) -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
-from ..errors import BuilderInputError
+from ..checkpoint_io import find_checkpoint, open_checkpoint
+from ..context import PROVENANCE_INITIALIZED, PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
+from ..errors import BuilderInputError, CheckpointError
 from ..files import FORMAT_JSON, CheckpointSummary, FileInfo, checkpoint_to_model_keys, summarize
 from ..hookspecs import hookimpl
+from ..loaders import LoaderChoice, Read, check_loader, choose_io, choose_loader
+from ..pretrained import build_on_meta, directory_blocker, load_by_assignment, model_blocker, pretrained_dtype
 from ..settings import Settings, setting
 from ..stage import Stage
 
@@ -28,6 +32,14 @@ class LoadSettings(Settings):
     partition_loader: bool = setting(True, option="zero3_partition_loader",
                                      doc="under ZeRO-3 each rank reads only its rows of a safetensors checkpoint; "
                                          "False: transformers' from_pretrained")
+    loader: Literal["auto", "safetensors", "instanttensor"] = setting(
+        "auto", option="loader", doc="how safetensors weights reach a CUDA device: instanttensor (pip install "
+        "'hfbuilder[fast]') reads with pinned, pipelined copies; safetensors memory-maps and copies tensor by tensor; "
+        "auto: instanttensor when installed and the device is CUDA. Not used under ZeRO-3")
+    io: Literal["auto", "buffered", "direct"] = setting(
+        "auto", option="loader_io", doc="instanttensor's reads: buffered (through the page cache: fast when the files "
+        "are cached, and they stay cached for the next model), direct (O_DIRECT: fastest from a cold disk); auto: "
+        "buffered when the files are in the page cache, else direct")
 
     def __post_init__(self) -> None:
         if self.dtype is not None and not isinstance(self.dtype, str):
@@ -52,11 +64,21 @@ class LoadStage(Stage):
     """``from_pretrained`` (straight onto the ``device`` setting when set), or, with deferred
     weights, the architecture alone: on the meta device without ZeRO-3, so no time is
     spent initializing weights that a checkpoint will overwrite.
+
+    With the instanttensor loader (``loader`` setting) a plain build reads every tensor onto the
+    GPU while the architecture is built on the meta device, then assigns them
+    (:mod:`hfbuilder.pretrained`); a deferred build with a checkpoint starts the checkpoint's read
+    here, for the checkpoint stage.
     """
 
     name = "load"
     after = ("zero",)
     Settings = LoadSettings
+
+    def check(self, ctx: BuildContext) -> None:
+        settings = ctx.settings(self.name)
+        if not ctx.zero3:
+            check_loader(settings.loader, settings.device)
 
     def explain(self, ctx: BuildContext) -> list[str]:
         cls = getattr(ctx.model_class, "__name__", str(ctx.model_class))
@@ -66,12 +88,8 @@ class LoadStage(Stage):
         ctx.dtype = build_dtype(ctx)
         dtype = _explain_dtype(ctx, weights)
         # The architecture on the meta device: exact parameter count and names, at no memory
-        # cost. Later stages' explain() see it as ctx.model. (torch.device("meta"), not
-        # accelerate's init_empty_weights, which re-registers parameters and unties lm_head.)
-        import torch
-
-        with torch.device("meta"):
-            model = ctx.model_class.from_config(copy.deepcopy(ctx.config), dtype=torch_dtype(dtype))
+        # cost. Later stages' explain() see it as ctx.model.
+        model = build_on_meta(ctx.model_class, copy.deepcopy(ctx.config), torch_dtype(dtype))
         ctx.model = model
         n = sum(p.numel() for p in model.parameters())
         device = "meta" if deferred and not ctx.zero3 else settings.device or "cpu"
@@ -83,8 +101,15 @@ class LoadStage(Stage):
         if deferred:
             return [f"{cls}.from_config: {type(model).__name__}, {n:,} parameters, dtype {dtype}, {where}; "
                     "weights deferred (none read)"]
-        lines = [f"{cls}.from_pretrained({ctx.model_name_or_path!r}): {type(model).__name__}, {n:,} parameters, "
-                 f"dtype {dtype}, {where}"]
+        choice = None if ctx.zero3 else self._choice(ctx, settings)
+        if choice is not None:
+            ctx.fact("loader", choice.name)
+        if choice is not None and choice.name == "instanttensor":
+            lines = [f"read every tensor of {ctx.model_name_or_path!r} onto {device} with instanttensor while "
+                     f"{type(model).__name__} ({n:,} parameters, dtype {dtype}) is built on the meta device; assign them"]
+        else:
+            lines = [f"{cls}.from_pretrained({ctx.model_name_or_path!r}): {type(model).__name__}, {n:,} parameters, "
+                     f"dtype {dtype}, {where}" + (f" ({choice.name}: {choice.why})" if choice else "")]
         if weights is None:
             lines.append("not a local directory: transformers resolves the files through the Hugging Face cache")
             return lines
@@ -112,12 +137,21 @@ class LoadStage(Stage):
                 ctx.model = model
                 ctx.note(f"{type(model).__name__} built partitioned, no weight init; filled from {ctx.model_name_or_path}")
                 return
+        choice = None if ctx.zero3 else self._choice(ctx, settings)
+        if choice is not None and choice.name == "instanttensor":
+            model = assign_pretrained(ctx, config, settings)
+            if model is not None:
+                ctx.model = model
+                _facts(ctx, model)
+                return
         device = settings.device
         if device and not ctx.zero3:
             kwargs["device_map"] = device
+        start = time.perf_counter()
         model, info = ctx.model_class.from_pretrained(
             ctx.model_name_or_path, config=config, output_loading_info=True, **kwargs
         )
+        seconds = time.perf_counter() - start
         ctx.model = model
         missing = sorted(info.get("missing_keys") or [])
         mismatched = info.get("mismatched_keys") or []
@@ -125,8 +159,6 @@ class LoadStage(Stage):
             ctx.report.provenance[name] = PROVENANCE_PRETRAINED
         ctx.fact("missing_weights", missing)
         if missing or mismatched:
-            from ..context import PROVENANCE_INITIALIZED
-
             for name in missing:
                 ctx.report.provenance[name] = PROVENANCE_INITIALIZED
             ctx.warn(
@@ -138,6 +170,22 @@ class LoadStage(Stage):
             f"{type(model).__name__}.from_pretrained: {sum(p.numel() for p in model.parameters()):,} "
             f"parameters, dtype {next(model.parameters()).dtype}, device {next(model.parameters()).device}"
         )
+        if choice is not None:
+            ctx.fact("loader", "safetensors")
+            _copied(ctx, device, _weights_bytes(ctx.model_name_or_path), seconds, f"safetensors ({choice.why})")
+
+    def _choice(self, ctx: BuildContext, settings: LoadSettings) -> LoaderChoice:
+        """The backend a plain build reads with; instanttensor only where assignment can stand in for from_pretrained."""
+        choice = choose_loader(settings.loader, settings.device)
+        if choice.name != "instanttensor":
+            return choice
+        path = ctx.model_name_or_path
+        try:
+            fmt = find_checkpoint(path)[0] if os.path.isdir(path) else None
+        except CheckpointError:
+            fmt = None
+        why = directory_blocker(path, fmt)
+        return LoaderChoice("safetensors", f"instanttensor not used: {why}") if why else choice
 
     def _architecture(self, ctx: BuildContext, config: Any, kwargs: dict[str, Any]) -> Any:
         checkpoint = ctx.settings("checkpoint")
@@ -154,19 +202,86 @@ class LoadStage(Stage):
             model = ctx.model_class.from_config(config, **kwargs)
             ctx.note(f"{type(model).__name__}.from_config under zero.Init (weights deferred)")
         else:
-            from accelerate import init_empty_weights
-
-            # Parameters on the meta device, buffers (rotary inv_freq...) real: no init work.
-            with init_empty_weights(include_buffers=False):
-                model = ctx.model_class.from_config(config, **kwargs)
-            # init_empty_weights re-creates every registered parameter, which unties
-            # the tied ones (lm_head from embed_tokens); tie them again, still on meta.
-            model.tie_weights()
+            _start_checkpoint_read(ctx)  # before building, so that the read overlaps it
+            # Parameters and buffers on the meta device, no init work: the checkpoint stage
+            # assigns what it holds and materialize initializes the rest, buffers included.
+            model = build_on_meta(ctx.model_class, config, kwargs.get("dtype"))
             ctx.note(f"{type(model).__name__}.from_config on the meta device: no weight init spent")
         for name, _ in model.named_parameters():
             ctx.report.provenance[name] = PROVENANCE_UNINITIALIZED
         _facts(ctx, model)
         return model
+
+
+def assign_pretrained(ctx: BuildContext, config: Any, settings: LoadSettings) -> Any:
+    """The pretrained model by assignment of tensors instanttensor reads onto the device, or None
+    (with a note saying why) where from_pretrained must do it."""
+    path, device = ctx.model_name_or_path, settings.device
+    reader = open_checkpoint(path)
+    ctx.call_on_exit(reader.close)
+    io, io_why = choose_io(settings.io, reader.files)
+    read = Read("instanttensor", reader.files, device, io)  # reads while the architecture is built
+    ctx.call_on_exit(read.close)
+    dtype = torch_dtype(pretrained_dtype(ctx.dtype, config, (reader.info(k).dtype for k in reader.keys())))
+    model = build_on_meta(ctx.model_class, config, dtype)
+    try:
+        done = model_blocker(model, config, dtype) or load_by_assignment(model, path, reader, read, device)
+    except CheckpointError as exc:
+        if settings.loader != "auto":
+            raise
+        ctx.warn(f"{exc}; from_pretrained reads it instead")
+        done = "the read failed"
+    if isinstance(done, str):
+        read.close()
+        ctx.note(f"instanttensor not used: {done}; from_pretrained reads it")
+        return None
+    for name in done.loaded:
+        ctx.report.provenance[name] = PROVENANCE_PRETRAINED
+    for name in done.missing:
+        ctx.report.provenance[name] = PROVENANCE_INITIALIZED
+    ctx.fact("missing_weights", done.missing)
+    if done.missing:
+        ctx.warn(f"{path} lacks weights for {done.missing}; they were initialized with the model's _init_weights")
+    if done.unexpected:
+        ctx.note(f"{len(done.unexpected)} checkpoint tensor(s) the model does not use: {done.unexpected[:5]}")
+    ctx.fact("loader", "instanttensor")
+    _copied(ctx, device, done.bytes, done.read_seconds, f"instanttensor, {io} I/O ({done.backend}; {io_why})")
+    ctx.note(f"{type(model).__name__} built on the meta device and assigned {len(done.loaded)} tensors; "
+             f"initialized by _init_weights: {len(done.initialized)} (non-persistent buffers, missing weights)")
+    return model
+
+
+def _start_checkpoint_read(ctx: BuildContext) -> None:
+    """Start reading the checkpoint onto the device now, when the checkpoint stage will read it with instanttensor."""
+    settings, path = ctx.settings("load"), ctx.settings("checkpoint").path
+    if path is None or choose_loader(settings.loader, settings.device).name != "instanttensor":
+        return
+    reader = open_checkpoint(path)
+    ctx.call_on_exit(reader.close)
+    if reader.format != "safetensors":
+        return
+    io, why = choose_io(settings.io, reader.files)
+    ctx.weights_read = Read("instanttensor", reader.files, settings.device, io, why=why)
+    ctx.call_on_exit(ctx.weights_read.close)
+
+
+def _weights_bytes(path: str) -> int | None:
+    if not os.path.isdir(path):
+        return None
+    try:
+        return sum(os.path.getsize(f) for f in open_checkpoint(path).files)
+    except (CheckpointError, OSError):
+        return None
+
+
+def _copied(ctx: BuildContext, device: Any, nbytes: int | None, seconds: float, how: str) -> None:
+    """The bytes a stage put on the device and how fast (a CPU build maps files, it copies nothing)."""
+    if not nbytes or device in (None, "cpu", "meta") or seconds <= 0:
+        return
+    gbps = nbytes / seconds / 1e9
+    ctx.fact("load_bytes", nbytes)
+    ctx.fact("load_gbps", round(gbps, 2))
+    ctx.note(f"read {nbytes / 1e9:.2f} GB onto {device} in {seconds:.3f} s ({gbps:.1f} GB/s) with {how}")
 
 
 def build_dtype(ctx: BuildContext) -> str | None:

@@ -173,7 +173,13 @@ class MaterializeStage(Stage):
             return
         device = ctx.settings("load").device
         device = "cpu" if device in (None, "meta") else device
-        names = materialize(ctx.model, device)
+        persistent = set(ctx.model.state_dict(keep_vars=True))
+        made = materialize(ctx.model, device)
+        # Non-persistent buffers (rotary inv_freq...) are never in a checkpoint: the model computes them.
+        buffers = [n for n in made if n not in persistent]
+        names = [n for n in made if n in persistent]
+        if buffers:
+            ctx.note(f"computed {len(buffers)} non-persistent buffer(s) with the model's _init_weights: {', '.join(buffers)}")
         if device != "cpu":
             ctx.model.to(device)  # buffers were built on the CPU (init_empty_weights(include_buffers=False))
         pending, ctx.rows_to_fill = ctx.rows_to_fill, {}

@@ -1,0 +1,169 @@
+"""``from_pretrained`` by assignment, for tensors a fast loader already put on the device.
+
+transformers' ``from_pretrained(device_map="cuda")`` reads each tensor through a memory map and
+copies it to the device from pageable memory. When a load backend (``hfbuilder.loaders``) has
+read every tensor onto the device already, loading is assignment, done the way
+``from_pretrained`` does it for the models it can assign:
+
+1. the model is built on the meta device with no init spent (``torch.device("meta")`` and
+   transformers' ``no_init_weights``), in the dtype ``from_pretrained`` would pick;
+2. checkpoint keys are matched to the model's (transformers' renamings included) and each
+   tensor becomes its parameter, cast on the device if its dtype differs;
+3. what the checkpoint lacks, and the non-persistent buffers (rotary ``inv_freq``...), are
+   initialized by the model's own ``_init_weights`` (``hfbuilder.plugins.materialize``), which is
+   how ``from_pretrained`` initializes missing keys;
+4. ``eval()``, ``config.name_or_path`` and the generation config, as ``from_pretrained`` leaves them.
+
+What it cannot do the same way (shapes that differ, weights that need transformers' converters,
+quantized or fp32-pinned modules, adapters) is reported by :func:`blocker`, and the caller then
+uses ``from_pretrained`` itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .loaders import PrefetchedReader, Read
+
+FLOAT_PREFIXES = ("float", "bfloat")
+
+
+def directory_blocker(path: str, fmt: str | None) -> str | None:
+    """Why a directory cannot be loaded by assignment (None: it can), read from its files alone."""
+    if not os.path.isdir(path):
+        return "not a local directory"
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return "a PEFT adapter directory (from_pretrained loads the adapter onto its base)"
+    if fmt != "safetensors":
+        return "the weights are not safetensors"
+    return None
+
+
+def model_blocker(model: Any, config: Any, dtype: Any) -> str | None:
+    """Why this model cannot be loaded by assignment (None: it can): what from_pretrained does per module."""
+    import torch
+
+    if getattr(config, "quantization_config", None) is not None:
+        return "the config asks for quantization"
+    fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    strict = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if (fp32 and dtype == torch.float16) or (strict and dtype in (torch.float16, torch.bfloat16)):
+        return f"modules {sorted(set(fp32 + strict))} are kept in float32"
+    return None
+
+
+def pretrained_dtype(requested: str | None, config: Any, dtypes: Iterable[str]) -> str:
+    """The dtype ``from_pretrained`` builds in: the request, else (``auto``/None) the config's, else
+    the first floating dtype the checkpoint stores, else float32."""
+    if requested not in (None, "auto"):
+        return str(requested)
+    configured = getattr(config, "dtype", None)
+    if configured is not None:
+        return str(configured).removeprefix("torch.")
+    return next((d for d in dtypes if d.startswith(FLOAT_PREFIXES)), "float32")
+
+
+def build_on_meta(model_class: Any, config: Any, dtype: Any = None) -> Any:
+    """The architecture with every parameter and buffer on the meta device, and no init spent.
+
+    Under ``torch.device("meta")`` alone, ``nn.Linear`` still runs its kaiming init on meta tensors
+    (through torch's Python reference ops: most of the construction time); transformers'
+    ``no_init_weights`` skips those calls, as ``from_pretrained`` does under ZeRO-3. It also skips
+    ``init_weights``, which would tie the weights: they are tied here.
+    """
+    import torch
+
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4: its own module
+        from transformers.modeling_utils import no_init_weights
+    with torch.device("meta"), no_init_weights():
+        model = model_class.from_config(config, **kwargs)
+    model.tie_weights()
+    return model
+
+
+def has_converters(model: Any) -> bool:
+    """Whether transformers would merge or split tensors to load this model (not only rename keys)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # transformers 4: no conversions
+        return False
+    return any(isinstance(t, WeightConverter) for t in get_model_conversion_mapping(model))
+
+
+@dataclass
+class AssignedPretrained:
+    """What :func:`load_by_assignment` did."""
+
+    model: Any
+    loaded: list[str] = field(default_factory=list)  # model names filled from the checkpoint
+    initialized: list[str] = field(default_factory=list)  # names _init_weights filled (missing, buffers)
+    missing: list[str] = field(default_factory=list)  # parameters the checkpoint lacks
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model does not use
+    bytes: int = 0
+    read_seconds: float = 0.0
+    read_gbps: float = 0.0
+    backend: str = ""
+
+
+def load_by_assignment(model: Any, path: str, reader: Any, read: Read, device: Any) -> AssignedPretrained | str:
+    """Fill ``model`` (built by :func:`build_on_meta`) from ``read``'s tensors; a str says why it cannot.
+
+    ``reader`` is the checkpoint's :class:`~hfbuilder.checkpoint_io.CheckpointReader` (keys and
+    shapes); ``read`` the started read of its files onto ``device``.
+    """
+    from .plugins.checkpoint import assign_from_checkpoint, match_keys
+    from .plugins.materialize import materialize
+
+    plan = match_keys(model, reader)
+    if plan.mismatched:
+        shown = ", ".join(f"{n} {list(have)} vs {list(want)}" for n, have, want in plan.mismatched[:5])
+        return f"shapes differ from the checkpoint's ({shown})"
+    if plan.unexpected and has_converters(model):
+        return "transformers converts this model's weights (merges or splits tensors) when it loads them"
+    loaded = read.result()
+    prefetched = PrefetchedReader(reader, loaded.tensors, device)
+    assign_from_checkpoint(model, plan, prefetched, device=device)
+    del loaded.tensors  # unused tensors (keys the model does not take) free their memory now
+    initialized = materialize(model, device)
+    model.eval()
+    model.config.name_or_path = path
+    _generation_config(model, path)
+    filled = {n for names in plan.tied for n in names if any(m in plan.sources for m in names)} | set(plan.sources)
+    return AssignedPretrained(
+        model=model, loaded=sorted(filled), initialized=initialized, missing=sorted(plan.missing),
+        unexpected=sorted(plan.unexpected), bytes=loaded.bytes, read_seconds=loaded.seconds,
+        read_gbps=loaded.gbps, backend=loaded.backend,
+    )  # fmt: skip
+
+
+def _generation_config(model: Any, path: str) -> None:
+    """The generation config ``from_pretrained`` attaches: generation_config.json, else one from config.json."""
+    can_generate = getattr(model, "can_generate", None)
+    if can_generate is None or not can_generate():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        model.generation_config = GenerationConfig.from_pretrained(
+            path, config_file_name="config.json", _from_model_config=True
+        )
+
+
+__all__ = [
+    "AssignedPretrained",
+    "build_on_meta",
+    "directory_blocker",
+    "has_converters",
+    "load_by_assignment",
+    "model_blocker",
+    "pretrained_dtype",
+]
