@@ -236,7 +236,7 @@ def check_llama(reads: str, ck: LlamaCheckpoints, built: Any, device: str, last:
     """After the clock: the last layer's down projection (and the critic's v_head) equal the file's."""
     import torch
 
-    from hfbuilder.checkpoint_io import open_checkpoint
+    from hfbuilder.weights import open_checkpoint
 
     if reads == "sft":
         reader, names = open_checkpoint(ck.sft), [f"model.layers.{last}.mlp.down_proj.weight"]
@@ -245,7 +245,7 @@ def check_llama(reads: str, ck: LlamaCheckpoints, built: Any, device: str, last:
     tensors = built if isinstance(built, dict) else dict(built.named_parameters())
     with reader:
         for name in names:
-            got, want = tensors[name], reader.get_tensor(name)
+            got, want = tensors[name], reader.get(name)
             if got.device.type != torch.device(device).type:
                 raise AssertionError(f"{name} is on {got.device}, expected {device}")
             if not torch.equal(got.detach().to("cpu", want.dtype), want):

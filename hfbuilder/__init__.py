@@ -20,6 +20,8 @@ from .errors import (
 )
 from .explain import Explanation, StageExplanation
 from .hookspecs import hookimpl, hookspec
+from .layouts import convert
+from .save import save_model
 from .settings import Settings, setting
 from .stage import Head, Phase, Stage
 
@@ -46,7 +48,9 @@ __all__ = [
     "StageOrderError",
     "StageRecord",
     "UnknownHeadError",
+    "convert",
     "hookimpl",
     "hookspec",
     "setting",
+    "save_model",
 ]

@@ -19,6 +19,7 @@ from .context import BuildContext, BuildReport
 from .dsconfig import load_ds_config, zero_stage_of
 from .errors import BuilderInputError, UnknownHeadError
 from .explain import Explanation
+from .locking import serialized
 from .manager import Plugins
 from .ordering import Entry, resolve
 from .settings import Catalog, closest_first, default_of, freeze, thaw
@@ -194,16 +195,21 @@ class ModelBuilder:
             raise UnknownHeadError(f"with_head() needs a head name, got {name!r}")
         return self.configure("head", name=name, options=options)
 
-    def with_checkpoint(self, path: str | os.PathLike[str] | None = None, *, strict: bool = True) -> ModelBuilder:
+    def with_checkpoint(
+        self, path: str | os.PathLike[str] | None = None, *, strict: bool = True, layout: str | None = None
+    ) -> ModelBuilder:
         """Load the whole (wrapped) model's weights from ``path`` strictly; implies deferred weights.
 
         ``path`` defaults to ``model_name_or_path``. ``strict=False`` turns missing and
         unexpected keys into warnings; what is missing is then initialized and named in the report.
+        ``layout``: the reward checkpoint's framework (``"openrlhf"``, ``"trl"``...:
+        :mod:`hfbuilder.layouts`), ``"auto"`` to detect it; None leaves the setting as it is.
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise BuilderInputError(f"checkpoint path must be a path, got {path!r}")
         chosen = os.fspath(path) if path is not None else self.model_name_or_path
-        return self.configure("checkpoint", path=chosen, strict=strict).configure("load", deferred=True)
+        builder = self.configure("checkpoint", path=chosen, strict=strict).configure("load", deferred=True)
+        return builder if layout is None else builder.configure("reward_layout", layout=layout)
 
     def with_fp32_loss(self) -> ModelBuilder:
         """Compute the loss in fp32 (DeepSpeed-Chat's ``causal_lm_model_to_fp32_loss``)."""
@@ -236,6 +242,12 @@ class ModelBuilder:
         """Register a pluggy plugin (object or module) for this builder only."""
         if plugin is None:
             raise BuilderInputError("with_plugin(None): pass a plugin object or module")
+        if isinstance(plugin, (str, bytes, os.PathLike)):
+            # pluggy would register the string itself: an object with no hooks, silently ignored.
+            raise BuilderInputError(
+                f"with_plugin({plugin!r}) takes a plugin object or module, not its name; "
+                f"pass importlib.import_module({plugin!r}) (the CLI's --plugin imports it for you)"
+            )
         return self._derive(plugins=(*self.plugins, plugin))
 
     def with_stage(self, stage: Stage | type[Stage]) -> ModelBuilder:
@@ -334,6 +346,7 @@ class ModelBuilder:
             heads={name: head for name, (head, _) in heads.items()},
             dropout_keys=plugins.dropout_keys(),
             providers={e.name: e.provider for e in order},
+            hook=plugins.hook,
         )
         ctx.report.plan = [e.name for e in order]
         head = settings["head"].name if "head" in settings else None
@@ -348,6 +361,7 @@ class ModelBuilder:
         """The names of the stages ``build()`` will run, in order. Reads no weights."""
         return [e.name for e in self._resolve()[1]]
 
+    @serialized
     def explain(self, world_size: int | None = None) -> Explanation:
         """A dry run: what each stage of the plan will do, reading config files but no weights.
 
@@ -366,6 +380,7 @@ class ModelBuilder:
         """Build and return the model (a ``torch.nn.Module``)."""
         return self.build_with_report()[0]
 
+    @serialized
     def build_with_report(self) -> tuple[Any, BuildReport]:
         """Build the model and return it with a :class:`BuildReport`.
 

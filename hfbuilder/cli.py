@@ -18,15 +18,15 @@ torch and transformers are imported by the commands that need them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from .console import StageProgress, print_json, quiet_libraries, setup_logging, stdout_to_stderr
 from .dsconfig import zero_stage_of
 from .errors import (
     BuilderInputError,
@@ -37,7 +37,7 @@ from .errors import (
     PluginError,
     UnknownHeadError,
 )
-from .hookspecs import hookimpl
+from .layouts.cli import add_convert_parser
 
 log = logging.getLogger("hfbuilder.cli")
 
@@ -98,6 +98,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                              "parses; see `hfbuilder settings` (repeatable)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE (or module:attr) and register it with with_plugin (repeatable)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code a model or tokenizer directory ships (auto_map); read it first")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -121,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build the model and save it with safetensors",
                            description="Build the model, check its invariants and save it (safetensors).")
     _model_arguments(build)
-    build.add_argument("--save", metavar="OUT", help="directory to save the model and tokenizer into")
+    build.add_argument("--save", metavar="OUT", help="directory to save the model and tokenizer into, "
+                       "atomically; checked before the build")
+    build.add_argument("--overwrite", action="store_true", help="replace the model OUT holds, whole")
     build.add_argument("--report", metavar="FILE", help="write the build report as JSON to FILE")
     build.set_defaults(func=cmd_build)
 
@@ -145,47 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint", metavar="CKPT", help="a directory, a .safetensors/.bin file or an index .json")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)
+    add_convert_parser(sub, _import_plugin)
     return parser
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def _setup_logging(args: argparse.Namespace) -> Callable[[], None]:
-    """Log hfbuilder's messages and Python warnings (``ctx.warn``) to stderr; return the undo.
-
-    Only the ``hfbuilder`` and ``py.warnings`` loggers are touched, and restored afterwards,
-    so ``main()`` can be called in-process (tests, notebooks) without leaking handlers.
-    """
-    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("hfbuilder: %(levelname)s: %(message)s"))
-    loggers = [logging.getLogger("hfbuilder"), logging.getLogger("py.warnings")]
-    saved = [(logger, logger.level, logger.propagate) for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = False
-    logging.captureWarnings(True)
-
-    def restore() -> None:
-        logging.captureWarnings(False)
-        for logger, old_level, propagate in saved:
-            logger.removeHandler(handler)
-            logger.setLevel(old_level)
-            logger.propagate = propagate
-
-    return restore
-
-
-def _quiet_libraries() -> None:
-    """--quiet: silence transformers' and huggingface_hub's progress bars and chatter."""
-    import transformers
-    from huggingface_hub.utils import disable_progress_bars
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    disable_progress_bars()
 
 
 def _import_plugin(spec: str) -> Any:
@@ -193,7 +161,9 @@ def _import_plugin(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr) if attr else module
-    except (ImportError, AttributeError) as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: importing a plugin must not end the command with its code
         raise PluginError(f"--plugin {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from exc
 
 
@@ -212,12 +182,19 @@ def _model_class(name: str) -> Any:
         raise BuilderInputError(f"--model-class {name!r} is not a transformers class (e.g. AutoModelForCausalLM)") from None
 
 
-def _tokenizer(path: str) -> Any:
+def _tokenizer(path: str, trust_remote_code: bool) -> Any:
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoTokenizer
 
+    from .remote_code import refusal
+
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+        # Explicit, never None: None makes transformers ask on stdin whether to run the code.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, StrictDataclassError) as exc:  # the last: a config field of the wrong type
+        refused = refusal(path, exc)
+        if refused is not None:
+            raise refused from exc
         raise BuilderInputError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
 
 
@@ -229,8 +206,11 @@ def _builder(args: argparse.Namespace) -> Any:
     if not os.path.exists(args.path) and args.path.startswith(("/", ".", "~")):
         raise BuilderInputError(f"PATH {args.path!r} does not exist")
     if args.quiet:
-        _quiet_libraries()
-    builder = ModelBuilder(_model_class(args.model_class), args.path, _tokenizer(args.tokenizer or args.path))
+        quiet_libraries()
+    tokenizer = _tokenizer(args.tokenizer or args.path, args.trust_remote_code)
+    builder = ModelBuilder(_model_class(args.model_class), args.path, tokenizer)
+    if args.trust_remote_code:
+        builder = builder.with_options(trust_remote_code=True)
     for spec in args.plugin:
         builder = builder.with_plugin(_import_plugin(spec))
     if args.phase:
@@ -257,27 +237,6 @@ def _builder(args: argparse.Namespace) -> Any:
     return builder
 
 
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Send whatever libraries print to stderr while a command works, so stdout holds only
-    the result. fd-level: DeepSpeed's op builder and subprocesses print to fd 1 directly.
-    """
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
-
-
 # -- commands --------------------------------------------------------------------------
 
 
@@ -285,7 +244,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     with stdout_to_stderr():
         explanation = _builder(args).explain(world_size=args.world_size)
     if args.json:
-        _print_json(explanation.to_dict())
+        print_json(explanation.to_dict())
     else:
         print(explanation)
     if explanation.exceptions:
@@ -295,56 +254,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class StageProgress:
-    """A ``hfbuilder_run_stage`` wrapper, like any observing plugin: one tqdm step per stage."""
-
-    def __init__(self, bar: Any) -> None:
-        self.bar = bar
-
-    @hookimpl(wrapper=True)
-    def hfbuilder_run_stage(self, stage: Any, ctx: Any) -> Any:
-        self.bar.set_postfix_str(stage.name)
-        try:
-            return (yield)
-        finally:
-            self.bar.update(1)
-
-
 def _write_report(path: str | None, report: Any) -> None:
     if path and report is not None:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(report.to_json(indent=2))
 
 
-def _save(model: Any, tokenizer: Any, out: str, zero3: bool) -> None:
-    """save_pretrained (safetensors) when the model has it, else safetensors' save_model; rank 0 only."""
-    rank = 0
-    gather: Any = contextlib.nullcontext()
-    if zero3:
-        import deepspeed
-        import torch.distributed as dist
-
-        rank = dist.get_rank()
-        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    with gather:
-        if rank != 0:
-            return
-        os.makedirs(out, exist_ok=True)
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(out)
-        else:
-            from safetensors.torch import save_model
-
-            save_model(model, os.path.join(out, "model.safetensors"))
-            config = getattr(model, "config", None)
-            if hasattr(config, "save_pretrained"):
-                config.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-
-
 def cmd_build(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    if args.save:
+        from .save import check_out
+
+        check_out(args.save, overwrite=args.overwrite)  # before the build, which may take an hour
     with stdout_to_stderr():
         builder = _builder(args)
         plan = builder.plan()
@@ -355,11 +277,16 @@ def cmd_build(args: argparse.Namespace) -> int:
                 _write_report(args.report, exc.report)
                 raise
         if args.save:
-            _save(model, builder.tokenizer, args.save, zero3=zero_stage_of(builder.ds_config) == 3)
-            log.info("saved the model and tokenizer to %s", args.save)
+            from .save import save_model
+
+            saved = save_model(model, builder.tokenizer, args.save, overwrite=args.overwrite,
+                               zero3=zero_stage_of(builder.ds_config) == 3)
+            if saved is not None:
+                log.info("saved %s to %s%s", ", ".join(saved.files), saved.path,
+                         " (replacing the model there)" if saved.replaced else "")
         _write_report(args.report, report)
     if args.json:
-        _print_json({**report.to_dict(), "saved": args.save})
+        print_json({**report.to_dict(), "saved": args.save})
     else:
         print(report.format())
         if args.save:
@@ -372,7 +299,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     provided = Plugins([_import_plugin(spec) for spec in args.plugin]).provided()
     if args.json:
-        _print_json({"autoload": not autoload_disabled(), "plugins": provided})
+        print_json({"autoload": not autoload_disabled(), "plugins": provided})
         return EXIT_OK
     if autoload_disabled():
         print(f"entry-point plugins not loaded ({DISABLE_AUTOLOAD_ENV} is set)")
@@ -415,7 +342,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .explain import human_bytes
-    from .files import guess_layout, read_json, summarize
+    from .weights import format_conflict, guess_layout, read_json, summarize
 
     progress = None
     if not args.quiet:
@@ -426,6 +353,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     with stdout_to_stderr():
         ckpt = summarize(args.checkpoint, progress)
+    conflict = format_conflict(args.checkpoint)
+    if conflict:
+        log.warning("%s", conflict)
     folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
     config = read_json(os.path.join(folder, "config.json"))
     layout = guess_layout(ckpt.tensors, config)
@@ -445,7 +375,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     }
     if args.json:
         keys = [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in ckpt.tensors.items()]
-        _print_json({**summary, "keys": keys})
+        print_json({**summary, "keys": keys})
         return EXIT_OK
     size = sum(f.bytes or 0 for f in ckpt.files)
     print(f"checkpoint: {args.checkpoint}")
@@ -463,7 +393,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    restore_logging = _setup_logging(args)
+    restore_logging = setup_logging(args)
     try:
         return args.func(args)
     except HFBuilderError as exc:

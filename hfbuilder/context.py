@@ -155,6 +155,8 @@ class BuildContext:
     dropout_keys: tuple[str, ...] = ()
     #: providers by stage name, for messages.
     providers: dict[str, str] = field(default_factory=dict)
+    #: This build's pluggy hook relay, for plugins that call hooks they own (pytest's ``config.hook``).
+    hook: Any = None
     #: The dtype name the floating weights are built in (``"bfloat16"``..., ``"auto"``: as stored, None:
     #: the config's). Written by the load stage (the DeepSpeed config's under ZeRO-3); read by the
     #: checkpoint stage when it converts tensors.
@@ -180,6 +182,10 @@ class BuildContext:
     weights_read: Any = None
     #: The checkpoint stage's key plan (:class:`hfbuilder.weights.LoadPlan`), for later stages and tools.
     load_plan: Any = None
+    #: The reward checkpoint's layout (:class:`hfbuilder.layouts.Resolved`), decided once by the
+    #: ``reward_layout`` stage; the reward head reads whether it has a bias, the checkpoint stage
+    #: reads it through the layout's key map.
+    reward_layout: Any = None
     current_stage: str | None = None
     #: True inside ``ModelBuilder.explain()``: stages describe, read no weights, and
     #: ``warn`` records without emitting. ``model`` is then the architecture on the meta device.

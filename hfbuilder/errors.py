@@ -65,6 +65,23 @@ class DistributedSetupError(HFBuilderError, RuntimeError):
     """ZeRO-3 was requested but torch.distributed is neither initialized nor configurable."""
 
 
+def blame_stage(exc: Exception, stage: str, provider: str, what: str) -> Exception:
+    """``exc`` naming the stage that raised it (in ``check``, ``explain`` or ``run``) and its plugin.
+
+    An hfbuilder error keeps its type, so its exit code, with its message prefixed; a
+    :class:`PluginError` already names its plugin. Anything else becomes a :class:`StageError`,
+    for the caller to raise ``from exc``.
+    """
+    where = f"stage {stage!r} (from {provider})"
+    if isinstance(exc, PluginError):
+        return exc
+    if isinstance(exc, HFBuilderError):
+        if exc.args and isinstance(exc.args[0], str) and not exc.args[0].startswith(where):
+            exc.args = (f"{where} in {what}: {exc.args[0]}", *exc.args[1:])
+        return exc
+    return StageError(f"{where} failed in {what}: {type(exc).__name__}: {exc}")
+
+
 __all__ = [
     "BuilderInputError",
     "CheckpointError",

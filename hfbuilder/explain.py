@@ -25,7 +25,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .files import DTYPE_BYTES
+from .weights import DTYPE_BYTES
 
 
 @dataclass

@@ -275,19 +275,17 @@ class Read:
 class PrefetchedReader:
     """A checkpoint reader whose tensors were already read onto the device.
 
-    ``get_tensor(key, device)`` hands over the read tensor (once); everything else, and any
+    ``get(key, device)`` hands over the read tensor (once); everything else, and any
     tensor asked for elsewhere, goes to the wrapped reader.
     """
 
     def __init__(self, reader: Any, tensors: dict[str, Any], device: Any) -> None:
         self.reader, self._tensors, self._device = reader, dict(tensors), str(device)
 
-    def get_tensor(self, key: str, device: Any = None) -> Any:
+    def get(self, key: str, device: Any = None) -> Any:
         if device is not None and str(device) == self._device and key in self._tensors:
             return self._tensors.pop(key)
-        return self.reader.get_tensor(key, device=device)
-
-    get = get_tensor
+        return self.reader.get(key, device=device)
 
     def unused(self) -> list[str]:
         """Keys that were read but never asked for."""

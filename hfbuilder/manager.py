@@ -6,6 +6,7 @@ Each :class:`~hfbuilder.ModelBuilder` gets its own manager, so plugins added wit
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
@@ -28,9 +29,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "hfbuilder.plugins.config",
     "hfbuilder.plugins.dropout",
     "hfbuilder.plugins.zero",
+    "hfbuilder.plugins.moe",
     "hfbuilder.plugins.load",
     "hfbuilder.plugins.token_align",
     "hfbuilder.plugins.resize",
+    "hfbuilder.plugins.reward_layout",
     "hfbuilder.plugins.head",
     "hfbuilder.plugins.checkpoint",
     "hfbuilder.plugins.materialize",
@@ -42,6 +45,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "hfbuilder.plugins.run",
     "hfbuilder.plugins.report",
 )
+
+#: The built-in ``hfbuilder_run_stage`` that calls ``stage.run``: what it raises is the stage's.
+RUNNER = "hfbuilder.plugins.run"
 
 ENTRY_POINT_GROUP = "hfbuilder"
 DISABLE_AUTOLOAD_ENV = "HFBUILDER_DISABLE_PLUGIN_AUTOLOAD"
@@ -113,7 +119,9 @@ class Plugins:
             for ep in _entry_points():
                 try:
                     plugin = ep.load()
-                except Exception as exc:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # SystemExit too: a plugin must not end the caller's program
                     raise PluginError(
                         f"hfbuilder plugin entry point {ep.name!r} ({ep.value}) failed to load: "
                         f"{type(exc).__name__}: {exc}. Fix or uninstall it, or set "
@@ -124,6 +132,8 @@ class Plugins:
                 self._register(plugin, f"entrypoint:{ep.name}", "entry point", dist_label)
         for plugin in extra:
             self._register(plugin, None, "with_plugin")
+        # Last: a plugin's hfbuilder_addhooks may add the specs that earlier plugins implement.
+        self._check_pending()
 
     def _register(self, plugin: Any, name: str | None, source: str, dist: str | None = None) -> None:
         if self.pm.is_registered(plugin):
@@ -137,6 +147,28 @@ class Plugins:
         except Exception as exc:  # pluggy validates hookimpl signatures here
             raise PluginError(f"plugin {name} could not be registered: {exc}") from exc
         self.info[name] = PluginInfo(name, source, dist)
+
+    def _check_pending(self) -> None:
+        """A hook implementation no spec matches (``hfbuilder_stage``) is a typo that would be ignored."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError:
+            known = sorted(name for name in vars(self.pm.hook) if not name.startswith("_")
+                           and getattr(self.pm.hook, name).has_spec())
+            unknown = []
+            for name in sorted(vars(self.pm.hook)):
+                caller = getattr(self.pm.hook, name)
+                if name.startswith("_") or caller.has_spec():
+                    continue
+                for impl in caller.get_hookimpls():
+                    if not impl.optionalhook:
+                        close = difflib.get_close_matches(name, known, n=1)
+                        hint = f" (did you mean {close[0]!r}?)" if close else ""
+                        unknown.append(f"plugin {impl.plugin_name} implements unknown hook {name!r}{hint}")
+            raise PluginError(
+                "; ".join(unknown) + f". Known hooks: {', '.join(known)}. Mark an implementation of a hook "
+                "another plugin may define with @hookimpl(optionalhook=True)."
+            ) from None
 
     def _collect(self, hook_name: str, kind: type) -> list[tuple[Any, str]]:
         """Call a no-argument list hook implementation by implementation, naming failures."""
@@ -220,8 +252,30 @@ class Plugins:
             out[provider]["dropout_keys"].append(key)
         return out
 
+    @property
+    def hook(self) -> Any:
+        """pluggy's hook relay, for hooks a plugin added itself (``hfbuilder_addhooks``); the core's
+        own hooks are called through the methods of this facade."""
+        return self.pm.hook
+
     def run_stage(self, stage: Stage, ctx: Any) -> Any:
-        return self.pm.hook.hfbuilder_run_stage(stage=stage, ctx=ctx)
+        """Run ``stage`` through the hook; an error a wrapper or a take-over raised names its plugin.
+
+        Whatever the stage's own ``run`` raised propagates untouched, for the caller to blame on
+        the stage.
+        """
+        caller = self.pm.hook.hfbuilder_run_stage
+        try:
+            return caller(stage=stage, ctx=ctx)
+        except Exception as exc:
+            impl = _raised_by(exc, caller.get_hookimpls(), stage)
+            if impl is None:
+                raise
+            role = "wrapper around" if impl.wrapper or impl.hookwrapper else "take-over of"
+            raise PluginError(
+                f"plugin {impl.plugin_name} raised in its hfbuilder_run_stage ({role} stage {stage.name!r}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def after_stage(self, stage: Stage, ctx: Any) -> list[tuple[str, list[str]]]:
         """Call every ``hfbuilder_after_stage`` implementation; (plugin, lines) for those that acted."""
@@ -240,6 +294,29 @@ class Plugins:
             if lines:
                 done.append((impl.plugin_name, [str(line) for line in lines]))
         return done
+
+
+def _raised_by(exc: BaseException, impls: Iterable[Any], stage: Stage) -> Any:
+    """The hook implementation that raised ``exc``, or None when the stage's own ``run`` did.
+
+    pluggy throws a stage's error into every wrapper on its way out, so each wrapper's frame is
+    in the traceback; the innermost frame that belongs to an implementation, or to the stage's
+    ``run``, is where the error started.
+    """
+    owners: dict[Any, Any] = {getattr(impl.function, "__code__", None): impl for impl in impls}
+    stage_run = getattr(getattr(type(stage), "run", None), "__code__", None)
+    owner = None
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code is stage_run:
+            owner = None
+        elif code in owners:
+            owner = owners[code]
+        tb = tb.tb_next
+    if owner is not None and owner.plugin_name == RUNNER:
+        return None
+    return owner
 
 
 __all__ = ["DEFAULT_PLUGINS", "DISABLE_AUTOLOAD_ENV", "ENTRY_POINT_GROUP", "PluginInfo", "Plugins"]

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loaders import PrefetchedReader, Read
+from .loaders import PrefetchedReader, Read, choose_io
 
 FLOAT_PREFIXES = ("float", "bfloat")
 
@@ -66,7 +66,7 @@ def pretrained_dtype(requested: str | None, config: Any, dtypes: Iterable[str]) 
     return next((d for d in dtypes if d.startswith(FLOAT_PREFIXES)), "float32")
 
 
-def build_on_meta(model_class: Any, config: Any, dtype: Any = None) -> Any:
+def build_on_meta(model_class: Any, config: Any, dtype: Any = None, **kwargs: Any) -> Any:
     """The architecture with every parameter and buffer on the meta device, and no init spent.
 
     Under ``torch.device("meta")`` alone, ``nn.Linear`` still runs its kaiming init on meta tensors
@@ -76,7 +76,8 @@ def build_on_meta(model_class: Any, config: Any, dtype: Any = None) -> Any:
     """
     import torch
 
-    kwargs = {} if dtype is None else {"dtype": dtype}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4: its own module
@@ -110,16 +111,48 @@ class AssignedPretrained:
     read_seconds: float = 0.0
     read_gbps: float = 0.0
     backend: str = ""
+    io: str = ""  # buffered or direct
+    io_why: str = ""
+
+
+def pretrained_by_assignment(model_class: Any, config: Any, path: str, *, device: Any, dtype: str | None,
+                             io: str = "auto", **from_config: Any) -> AssignedPretrained | str:
+    """The pretrained model in ``path``, its tensors read onto ``device`` by instanttensor while the
+    architecture is built on the meta device; a str says why it must be ``from_pretrained`` instead.
+
+    ``dtype`` is the load setting (None/"auto": as ``from_pretrained`` picks), ``io`` instanttensor's
+    reads (``choose_io``). A failed read is a :class:`~hfbuilder.CheckpointError`.
+    """
+    import torch
+
+    from .weights import open_checkpoint
+
+    reader = open_checkpoint(path)
+    try:
+        mode, why = choose_io(io, reader.files)
+        read = Read("instanttensor", reader.files, device, mode, why=why)  # reads while the model is built
+        try:
+            name = pretrained_dtype(dtype, config, (reader.info(k).dtype for k in reader.keys()))
+            torch_dtype = getattr(torch, name)
+            model = build_on_meta(model_class, config, torch_dtype, **from_config)
+            done = model_blocker(model, config, torch_dtype) or load_by_assignment(model, path, reader, read, device)
+        finally:
+            read.close()
+    finally:
+        reader.close()
+    if not isinstance(done, str):
+        done.io, done.io_why = mode, why
+    return done
 
 
 def load_by_assignment(model: Any, path: str, reader: Any, read: Read, device: Any) -> AssignedPretrained | str:
     """Fill ``model`` (built by :func:`build_on_meta`) from ``read``'s tensors; a str says why it cannot.
 
-    ``reader`` is the checkpoint's :class:`~hfbuilder.checkpoint_io.CheckpointReader` (keys and
+    ``reader`` is the checkpoint's :class:`~hfbuilder.weights.CheckpointReader` (keys and
     shapes); ``read`` the started read of its files onto ``device``.
     """
-    from .plugins.checkpoint import assign_from_checkpoint, match_keys
     from .plugins.materialize import materialize
+    from .weights import assign_from_checkpoint, match_keys
 
     plan = match_keys(model, reader)
     if plan.mismatched:
@@ -164,6 +197,7 @@ __all__ = [
     "directory_blocker",
     "has_converters",
     "load_by_assignment",
+    "pretrained_by_assignment",
     "model_blocker",
     "pretrained_dtype",
 ]

@@ -78,9 +78,12 @@ def explain(plugins: Plugins, order: list[Entry], ctx: BuildContext, world_size:
                 ctx.report.warnings[seen:], str(error) if error is not None else None,
             ))
             if stopped is None:
+                seen = len(ctx.report.warnings)
                 after = after_stage(plugins, entry, ctx)
                 if after is not None:
-                    stages.append(StageExplanation(after.name, after.provider, after.actions, after.facts, [], None))
+                    stages.append(StageExplanation(
+                        after.name, after.provider, after.actions, after.facts, ctx.report.warnings[seen:], None
+                    ))
     finally:
         ctx.current_stage = None
         ctx.close()

@@ -17,6 +17,9 @@ Invariants (setting ``verify.invariants``: ``"error"``, the default, raises
 ``expected``
     Every parameter a stage promised with ``ctx.expect(pattern, source)``, or the caller with
     ``with_options(expect={pattern: source})``, came from ``source``.
+``tied``
+    Weights transformers ties (an LM head to the input embedding, when the config says so) are
+    one tensor. A copy would train apart: the embedding would miss the head's gradient.
 
 Under ZeRO-3 each rank checks its own partition (``param.ds_tensor``) only: nothing is gathered.
 """
@@ -57,8 +60,9 @@ class VerifySettings(Settings):
 
     invariants: Literal["error", "warn", "off"] = setting(
         "error", option="invariants", doc="a failed invariant raises InvariantError (error), warns (warn), or is not checked (off)")
-    check_finite: Literal["written", "all"] = setting(
-        "written", option="check_finite", doc="which weights the finite check reads: those the build wrote, or every weight")
+    check_finite: Literal["auto", "written", "all"] = setting(
+        "auto", option="check_finite", doc="which weights the finite check reads: auto (every weight on an accelerator, "
+                                           "what the build wrote on the CPU), written, or all")
     expect: Mapping[str, str] = setting(
         MappingProxyType({}), option="expect", doc='your own provenance promises, {"v_head.*": "checkpoint"}, checked like a stage\'s')
 
@@ -130,19 +134,22 @@ def _finite(t: Any) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-FINITE_SCOPES = ("written", "all")
+FINITE_SCOPES = ("auto", "written", "all")
 
 
-def _in_scope(scope: str, provenance: str) -> bool:
+def _in_scope(scope: str, provenance: str, tensor: Any) -> bool:
     """Whether the ``finite`` invariant reads this parameter.
 
-    ``"written"`` (the default) reads what the build itself wrote: initialized tensors, heads,
-    adapters, resized matrices (a ``+`` modifier). Weights copied untouched from a file are the
-    file's bytes; reading them all would cost a full pass over the checkpoint (a build of a
-    memory-mapped model otherwise never touches most of its pages), so they are read only with
-    ``check_finite="all"``.
+    ``"written"`` reads what the build itself wrote: initialized tensors, heads, adapters,
+    resized matrices (a ``+`` modifier). Weights copied untouched from a file into CPU memory are
+    the file's bytes, memory-mapped: reading them all would cost a full pass over the checkpoint
+    (a CPU build otherwise never touches most of its pages), so there they are read only with
+    ``check_finite="all"``. ``"auto"`` (the default) also reads every weight that lives on an
+    accelerator: it was copied there already, and a sum in device memory costs next to nothing.
     """
     if scope == "all" or "+" in provenance:
+        return True
+    if scope == "auto" and tensor.device.type not in ("cpu", "meta"):
         return True
     return provenance_origin(provenance) not in (PROVENANCE_PRETRAINED, PROVENANCE_CHECKPOINT)
 
@@ -154,6 +161,48 @@ def _result(name: str, problems: list[str]) -> InvariantResult:
     return InvariantResult(name, not problems, details)
 
 
+def _tied_pairs(model: Any) -> list[tuple[str, str]]:
+    """(tied name, name it is tied to) for every pair transformers ties in ``model``.
+
+    Read from each outermost ``PreTrainedModel`` (a head's base included): its
+    ``all_tied_weights_keys``, which ``from_pretrained`` trims where a checkpoint holds two
+    different tensors, or else the config's ``tie_word_embeddings`` (transformers 4).
+    """
+    from transformers import PreTrainedModel
+
+    pairs: list[tuple[str, str]] = []
+    outer: list[str] = []
+    for prefix, module in model.named_modules():
+        if not isinstance(module, PreTrainedModel) or any(prefix.startswith(f"{o}.") or not o for o in outer):
+            continue
+        outer.append(prefix)
+        keys = getattr(module, "all_tied_weights_keys", None)
+        if keys is None:
+            text = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+            out, inp = module.get_output_embeddings(), module.get_input_embeddings()
+            if not getattr(text, "tie_word_embeddings", False) or out is None or inp is None:
+                continue
+            names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+            keys = {names.get(id(out.weight), "output embeddings"): names.get(id(inp.weight), "input embeddings")}
+        dot = f"{prefix}." if prefix else ""
+        pairs.extend((dot + target, dot + source) for target, source in keys.items())
+    return pairs
+
+
+def _untied(model: Any) -> list[str]:
+    """The tied pairs that are two tensors. A name that no longer resolves (LoRA wrapped it) is skipped."""
+    problems = []
+    for target, source in _tied_pairs(model):
+        try:
+            a, b = model.get_parameter(target), model.get_parameter(source)
+        except AttributeError:
+            continue
+        if a is not b:
+            problems.append(f"{target} is a separate tensor from {source}, which the config ties it to: "
+                            "the embedding would not get the head's gradient")
+    return problems
+
+
 def check_invariants(ctx: BuildContext) -> list[InvariantResult]:
     import torch
 
@@ -163,7 +212,9 @@ def check_invariants(ctx: BuildContext) -> list[InvariantResult]:
 
     scope = ctx.settings("verify").check_finite
     with torch.no_grad():
-        nonfinite = [name for name, p in params if _in_scope(scope, prov.get(name, "")) and not _finite(_local(p))]
+        nonfinite = [
+            name for name, p in params if _in_scope(scope, prov.get(name, ""), _local(p)) and not _finite(_local(p))
+        ]
     finite = _result("finite", [f"{name} holds NaN or inf" for name in nonfinite])
 
     meta = [
@@ -184,7 +235,7 @@ def check_invariants(ctx: BuildContext) -> list[InvariantResult]:
             if provenance_origin(prov.get(name, "")) != exp.source
         )
     expected = _result("expected", unmet)
-    return [finite, materialized, expected]
+    return [finite, materialized, expected, _result("tied", _untied(model) if params else [])]
 
 
 def finish_build(ctx: BuildContext) -> None:

@@ -78,7 +78,7 @@ def test_plan_that_would_fail_prints_the_plan_and_exits_nonzero(model_dir, tmp_p
     assert main(["plan", model_dir("opt"), "--zero3", str(ds), "--world-size", "8"]) == 2
     out, err = capsys.readouterr()
     assert "ZeRO-3 over 8 rank(s)" in out and "float16" in out
-    assert "the build would fail: zero: ZeRO-3 needs torch.distributed" in err
+    assert "the build would fail: zero: stage 'zero' (from hfbuilder.plugins.zero) in check: ZeRO-3 needs" in err
 
 
 def test_build_saves_safetensors_and_a_report(model_dir, tmp_path):

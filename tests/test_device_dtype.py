@@ -112,7 +112,7 @@ def test_checkpoint_stage_reads_straight_onto_the_device(tmp_path, saved, tokeni
     from safetensors.torch import save_file
     from transformers import AutoModel
 
-    from hfbuilder.checkpoint_io import CheckpointReader
+    from hfbuilder.weights import CheckpointReader
 
     path = saved["float32"]
     tok = tokenizer_for(path)
@@ -127,13 +127,13 @@ def test_checkpoint_stage_reads_straight_onto_the_device(tmp_path, saved, tokeni
         save_file(state, str(out / "model.safetensors"))
 
     asked: list[object] = []
-    real_get_tensor = CheckpointReader.get_tensor
+    real_get = CheckpointReader.get
 
-    def get_tensor(self, key, device=None):
+    def get(self, key, device=None):
         asked.append(device)
-        return real_get_tensor(self, key, device=device)
+        return real_get(self, key, device=device)
 
-    monkeypatch.setattr(CheckpointReader, "get_tensor", get_tensor)
+    monkeypatch.setattr(CheckpointReader, "get", get)
     critic = (
         ModelBuilder(AutoModel, out, tok)
         .with_head("reward", num_padding_at_beginning=1)

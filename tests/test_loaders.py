@@ -15,7 +15,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hfbuilder import BuilderInputError, ModelBuilder
-from hfbuilder.checkpoint_io import open_checkpoint
 from hfbuilder.loaders import (
     Read,
     cached_fraction,
@@ -27,6 +26,7 @@ from hfbuilder.loaders import (
 from hfbuilder.plugins.load import torch_dtype
 from hfbuilder.pretrained import build_on_meta, load_by_assignment, pretrained_dtype
 from hfbuilder.testing import FAMILIES, make_model, make_tokenizer
+from hfbuilder.weights import open_checkpoint
 
 
 @pytest.fixture

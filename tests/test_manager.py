@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 import textwrap
 
+import pluggy
 import pytest
 from transformers import AutoModelForCausalLM
 
-from hfbuilder import Head, ModelBuilder, PluginError, Stage, hookimpl
+from hfbuilder import BuilderInputError, Head, ModelBuilder, PluginError, Stage, StageError, hookimpl
 from hfbuilder.manager import DISABLE_AUTOLOAD_ENV, Plugins
 from hfbuilder.testing import make_tokenizer
 
@@ -153,8 +154,6 @@ def test_stage_errors_name_the_stage_and_provider(model_dir):
         def run(self, ctx):
             raise RuntimeError("kaput")
 
-    from hfbuilder import StageError
-
     path = model_dir("gpt2")
     with pytest.raises(StageError, match=r"stage 'boom' \(from ModelBuilder.with_stage\).*kaput"):
         ModelBuilder(AutoModelForCausalLM, path, make_tokenizer()).with_stage(Boom).build()
@@ -166,3 +165,104 @@ def test_import_hfbuilder_is_light():
     code = "import sys, hfbuilder, hfbuilder.plugins; print(sorted(m for m in ('torch','transformers','deepspeed') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("source", ["import sys\nsys.exit(0)\n", "raise SystemExit('bye')\n", "raise ValueError('bad')\n"])
+def test_entry_point_that_exits_or_raises_on_import_is_a_plugin_error(site, source):
+    make_dist(site, "hfb-test-exits", "hfb_test_exits", source)
+    with pytest.raises(PluginError, match="entry point 'hfb-test-exits'.*(SystemExit|ValueError)"):
+        Plugins()
+
+
+def test_misspelled_hook_names_plugin_and_hook():
+    class Typo:
+        @hookimpl
+        def hfbuilder_stage(self):
+            return []
+
+    with pytest.raises(PluginError, match=r"Typo.*unknown hook 'hfbuilder_stage' \(did you mean 'hfbuilder_stages'\?\)"):
+        Plugins([Typo()])
+
+
+def test_hook_whose_spec_a_later_plugin_adds_is_not_pending():
+    class Implements:
+        @hookimpl
+        def my_extension_point(self):
+            return 1
+
+    class Specs:
+        @pluggy.HookspecMarker("hfbuilder")
+        def my_extension_point(self):
+            """Owned by the plugin below."""
+
+    class Owner:
+        @hookimpl
+        def hfbuilder_addhooks(self, pluginmanager):
+            pluginmanager.add_hookspecs(Specs)
+
+    plugins = Plugins([Implements(), Owner()])  # the implementation is registered before its spec
+    assert plugins.pm.hook.my_extension_point() == [1]
+
+
+def test_with_plugin_refuses_a_module_name():
+    builder = ModelBuilder(AutoModelForCausalLM, "unused", make_tokenizer())
+    for name in ("hfbuilder.plugins.resize", b"x"):
+        with pytest.raises(BuilderInputError, match="not its name"):
+            builder.with_plugin(name)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_observer_error_names_the_observer_not_the_stage(model_dir, when):
+    class Fragile:
+        @hookimpl(wrapper=True)
+        def hfbuilder_run_stage(self, stage, ctx):
+            if stage.name == "dropout" and when == "before":
+                raise RuntimeError("observer broke")
+            result = yield
+            if stage.name == "dropout":
+                raise RuntimeError("observer broke")
+            return result
+
+    builder = ModelBuilder(AutoModelForCausalLM, model_dir("gpt2"), make_tokenizer()).with_plugin(Fragile())
+    with pytest.raises(PluginError, match=r"plugin .*Fragile.*wrapper around stage 'dropout'.*observer broke") as info:
+        builder.build()
+    assert not isinstance(info.value, StageError)
+
+
+def test_stage_errors_are_blamed_on_the_stage_through_wrappers(model_dir):
+    class Observer:
+        @hookimpl(wrapper=True)
+        def hfbuilder_run_stage(self, stage, ctx):
+            return (yield)
+
+    class Refuses(Stage):
+        name = "refuses"
+        after = ("load",)
+
+        def run(self, ctx):
+            raise BuilderInputError("option x is wrong")
+
+    class Crashes(Refuses):
+        name = "crashes"
+
+        def run(self, ctx):
+            raise KeyError("k")
+
+    base = ModelBuilder(AutoModelForCausalLM, model_dir("gpt2"), make_tokenizer()).with_plugin(Observer())
+    with pytest.raises(BuilderInputError, match=r"^stage 'refuses' \(from ModelBuilder.with_stage\) in run: option x"):
+        base.with_stage(Refuses).build()
+    with pytest.raises(StageError, match=r"stage 'crashes' \(from ModelBuilder.with_stage\) failed in run: KeyError"):
+        base.with_stage(Crashes).build()
+
+
+def test_a_take_over_that_raises_names_its_plugin(model_dir):
+    class TakesOver:
+        @hookimpl
+        def hfbuilder_run_stage(self, stage, ctx):
+            if stage.name == "dropout":
+                raise RuntimeError("took over badly")
+            return None
+
+    builder = ModelBuilder(AutoModelForCausalLM, model_dir("gpt2"), make_tokenizer()).with_plugin(TakesOver())
+    with pytest.raises(PluginError, match=r"TakesOver.*take-over of stage 'dropout'.*took over badly"):
+        builder.build()

@@ -117,7 +117,7 @@ def test_builder_add_replace_remove(model_dir):
         after = ("token_align",)
 
         def run(self, ctx):
-            ctx.state["mine"] = True
+            ctx.note("mine")
 
     assert b.replace_stage(MyResize).plan() == b.plan()
     with pytest.raises(StageOrderError, match="two plugins provide stage 'resize'"):

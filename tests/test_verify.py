@@ -111,7 +111,8 @@ def test_every_parameter_has_a_provenance(family, model_dir, tokenizer_for):
     model, report = ModelBuilder(AutoModelForCausalLM, path, tokenizer_for(path)).build_with_report()
     assert set(report.provenance) == {name for name, _ in model.named_parameters()}
     assert {provenance_origin(v) for v in report.provenance.values()} == {PROVENANCE_PRETRAINED}
-    assert [(r.name, r.passed) for r in report.invariants] == [("finite", True), ("materialized", True), ("expected", True)]
+    assert [(r.name, r.passed) for r in report.invariants] == [
+        ("finite", True), ("materialized", True), ("expected", True), ("tied", True)]
     resized = [k for k, v in report.provenance.items() if "+resized" in v]
     assert bool(resized) == (family != "qwen2")  # qwen2's padded vocabulary is kept
 
@@ -299,3 +300,21 @@ def test_reward_model_from_a_checkpoint_without_v_head_is_flagged(model_dir, tok
             promised.build()
     with pytest.raises(BuilderInputError, match="option expect"):
         critic.with_options(expect={"v_head.*": "somewhere"}).explain()
+
+
+def test_nan_in_a_pretrained_checkpoint_is_caught_where_promised(tmp_path, tokenizer_for):
+    """CPU weights from a file are checked with check_finite="all"; weights the build wrote always."""
+    from hfbuilder.testing import make_model
+
+    path = make_model("llama", tmp_path / "nan")
+    from safetensors.torch import load_file
+
+    state = load_file(f"{path}/model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
+    builder = ModelBuilder(AutoModelForCausalLM, path, tokenizer_for(path))
+    with pytest.raises(InvariantError, match="model.layers.0.mlp.up_proj.weight holds NaN or inf"):
+        builder.with_options(check_finite="all").build()
+    assert VerifySettings().check_finite == "auto"  # on the CPU: what the build wrote, as documented
+    model, report = builder.with_options(invariants="warn").build_with_report()
+    assert report.invariants[0].name == "finite"

@@ -17,14 +17,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import hfbuilder
 from hfbuilder import BuilderInputError, CheckpointError, DistributedSetupError, ModelBuilder
-from hfbuilder.zero3 import (
-    LAUNCHER_VARS,
-    SafetensorsReader,
-    check_checkpoint_keys,
-    ds_dtype_name,
-    load_checkpoint_into_partitions,
-    safetensors_files,
-)
+from hfbuilder.weights import LoadPlan, TensorInfo, match_keys, open_checkpoint
+from hfbuilder.zero3 import LAUNCHER_VARS, ds_dtype_name, load_checkpoint_into_partitions
 
 try:  # tests/ is a package on main
     from .zero3_harness import HeadPlugin, run_ranks
@@ -154,9 +148,9 @@ def test_checkpoint_loaded_into_partitions(world2):
             assert loaded["equal_checkpoint"] == loaded["keys"]
             assert "v_head.weight" in loaded["keys"]
         errors = facts["errors"]
-        assert "missing keys [v_head.weight]" in errors["missing"]
-        assert "unexpected keys [v_head.bias]" in errors["unexpected"]
-        assert "shape mismatches" in errors["shape"]
+        assert "missing from the checkpoint (1): v_head.weight" in errors["missing"]
+        assert "unexpected in the checkpoint (1): v_head.bias" in errors["unexpected"]
+        assert "shape mismatch" in errors["shape"]
     assert ranks[0]["sliced"]["digests"] == ranks[1]["sliced"]["digests"]
     for facts in ranks:
         assert facts["partial"] == {"old_rows_from_checkpoint": True, "new_rows_kept": True, "others_equal": True}
@@ -283,26 +277,26 @@ def test_safetensors_reader_reads_rows_of_files_indexes_and_directories(model_di
     model = AutoModelForCausalLM.from_pretrained(path)
     sharded = tmp_path / "sharded"
     model.save_pretrained(sharded, max_shard_size="20KB")
-    assert len(safetensors_files(sharded)) > 1
+    assert len(open_checkpoint(sharded).files) > 1
     for source in (path, os.path.join(path, "model.safetensors"), sharded, sharded / "model.safetensors.index.json"):
-        reader = SafetensorsReader.from_path(source)
+        reader = open_checkpoint(source)
         assert set(reader.keys()) == set(model.state_dict())
         w = model.get_input_embeddings().weight
-        assert reader.shape("model.embed_tokens.weight") == tuple(w.shape)
+        assert reader.info("model.embed_tokens.weight").shape == tuple(w.shape)
         assert torch.equal(reader.get_slice("model.embed_tokens.weight")[3:7], w[3:7].detach())
         assert torch.equal(reader.get("model.embed_tokens.weight"), w.detach())
-    with pytest.raises(CheckpointError, match="not a safetensors file"):
-        SafetensorsReader.from_path(tmp_path)
+    with pytest.raises(CheckpointError, match="no weights in checkpoint directory"):
+        open_checkpoint(tmp_path)
     (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(CheckpointError, match="cannot read"):
-        SafetensorsReader.from_path(tmp_path / "broken.safetensors")
+        open_checkpoint(tmp_path / "broken.safetensors")
 
 
 def test_strict_keys_list_missing_unexpected_and_mismatched(model_dir, tmp_path):
     path = model_dir("opt")  # tied LM head: lm_head.weight is not in the checkpoint, and need not be
     model = AutoModelForCausalLM.from_pretrained(path)
-    reader = SafetensorsReader.from_path(path)
-    assert len(check_checkpoint_keys(model, reader)) == len({id(t) for t in model.state_dict(keep_vars=True).values()}) == 36
+    reader = open_checkpoint(path)
+    assert len(match_keys(model, reader).sources) == len({id(t) for t in model.state_dict(keep_vars=True).values()}) == 36
     tensors = {k: reader.get(k) for k in reader.keys()}
     del tensors["model.decoder.final_layer_norm.bias"]
     tensors["extra.weight"] = torch.zeros(2)
@@ -311,9 +305,9 @@ def test_strict_keys_list_missing_unexpected_and_mismatched(model_dir, tmp_path)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint_into_partitions(model, tmp_path / "bad.safetensors")
     message = str(info.value)
-    assert "missing keys [model.decoder.final_layer_norm.bias] (1)" in message
-    assert "unexpected keys [extra.weight] (1)" in message
-    assert "model.decoder.layers.0.fc1.bias: checkpoint (3,) vs model (32,)" in message
+    assert "missing from the checkpoint (1): model.decoder.final_layer_norm.bias" in message
+    assert "unexpected in the checkpoint (1): extra.weight" in message
+    assert "model.decoder.layers.0.fc1.bias: checkpoint [3] vs model [32]" in message
 
 
 def test_load_into_an_unpartitioned_model_copies_everything(model_dir):
@@ -331,19 +325,22 @@ def test_a_reader_must_follow_the_protocol():
 
 
 class _InfoReader:
-    """The interface of hfbuilder.checkpoint_io's reader: info().shape and get_tensor()."""
+    """The reader protocol, implemented outside hfbuilder: whole tensors, sliced in memory."""
 
     def __init__(self, path):
-        self.reader = SafetensorsReader.from_path(path)
+        self.reader = open_checkpoint(path)
 
     def keys(self):
         return self.reader.keys()
 
     def info(self, key):
-        return type("TensorInfo", (), {"shape": self.reader.shape(key)})()
+        return TensorInfo(self.reader.info(key).shape, self.reader.info(key).dtype)
 
-    def get_tensor(self, key):
+    def get(self, key, device=None):
         return self.reader.get(key)
+
+    def get_slice(self, key):
+        return self.get(key)
 
 
 def test_sources_and_partial_rows_as_the_checkpoint_stage_passes_them(model_dir):
@@ -354,13 +351,13 @@ def test_sources_and_partial_rows_as_the_checkpoint_stage_passes_them(model_dir)
     grown = {n: p.detach().clone() for n, p in target.named_parameters() if p.shape[0] == 48}
     names = {n: n for n in source.state_dict()}
     partial = {n: (45, 48) for n in grown}
-    load_checkpoint_into_partitions(target, _InfoReader(path), sources=names, partial_rows=partial)
+    load_checkpoint_into_partitions(target, _InfoReader(path), LoadPlan(sources=names, partial_rows=partial))
     for name, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[name][: value.shape[0]], value), name
     for name, value in grown.items():
         assert torch.equal(target.state_dict()[name][45:], value[45:]), name
     with pytest.raises(CheckpointError, match="does not have"):
-        load_checkpoint_into_partitions(target, _InfoReader(path), sources={"nope.weight": "x"})
+        load_checkpoint_into_partitions(target, _InfoReader(path), LoadPlan(sources={"nope.weight": "x"}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

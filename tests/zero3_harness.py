@@ -133,4 +133,14 @@ class HeadPlugin:
         return [ValueHead()]
 
 
-__all__ = ["HeadPlugin", "ValueHead", "free_port", "rank_env", "run_ranks"]
+class LoopedMoeLeafPlugin:
+    """Teaches hfbuilder the test model's MoE block, as a plugin for a remote-code family would."""
+
+    @hfbuilder.hookimpl
+    def hfbuilder_zero3_leaf_modules(self, model_type: str | None) -> list[str]:
+        from hfbuilder.testing import LOOPED_MOE
+
+        return ["LoopedMoeBlock"] if model_type == LOOPED_MOE else []
+
+
+__all__ = ["HeadPlugin", "LoopedMoeLeafPlugin", "ValueHead", "free_port", "rank_env", "run_ranks"]

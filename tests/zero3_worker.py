@@ -25,7 +25,8 @@ from zero3_harness import HeadPlugin
 import hfbuilder
 from hfbuilder import ModelBuilder
 from hfbuilder.testing import end_rank
-from hfbuilder.zero3 import SafetensorsReader, load_checkpoint_into_partitions
+from hfbuilder.weights import LoadPlan, TensorInfo, open_checkpoint
+from hfbuilder.zero3 import load_checkpoint_into_partitions
 
 RANK = int(os.environ["RANK"])
 
@@ -135,7 +136,7 @@ def check_head(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 class _GetOnly:
-    """A reader without get_slice: the protocol's minimal form."""
+    """A reader that reads whole tensors and slices them in memory (no row reads from the file)."""
 
     def __init__(self, reader: Any, drop: str | None = None, extra: str | None = None, reshape: str | None = None):
         self.reader, self.drop, self.extra, self.reshape = reader, drop, extra, reshape
@@ -144,14 +145,17 @@ class _GetOnly:
         keys = [k for k in self.reader.keys() if k != self.drop]
         return keys + ([self.extra] if self.extra else [])
 
-    def shape(self, key: str) -> tuple[int, ...]:
+    def info(self, key: str) -> TensorInfo:
         if key == self.extra:
-            return (1,)
-        shape = tuple(self.reader.shape(key))
-        return (shape[0] + 1, *shape[1:]) if key == self.reshape else shape
+            return TensorInfo((1,), "float32")
+        shape = tuple(self.reader.info(key).shape)
+        return TensorInfo((shape[0] + 1, *shape[1:]) if key == self.reshape else shape, self.reader.info(key).dtype)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, device: Any = None) -> torch.Tensor:
         return self.reader.get(key)
+
+    def get_slice(self, key: str) -> torch.Tensor:
+        return self.get(key)
 
 
 def check_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +165,7 @@ def check_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     errors = {}
     model, _ = build_head_model(spec)
-    reader = SafetensorsReader.from_path(ckpt_path)
+    reader = open_checkpoint(ckpt_path)
     some_key = sorted(ckpt)[0]
     for label, bad in (
         ("missing", _GetOnly(reader, drop="v_head.weight")),
@@ -185,13 +189,12 @@ def check_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
             "digests": {k: digest(v) for k, v in full.items()},
         }
     # As the checkpoint stage calls it: keys matched by the caller, a checkpoint with fewer
-    # embedding rows than the resized model (rows 45:48 keep the resize's values), and a
-    # reader with info()/get_tensor() instead of shape()/get().
+    # embedding rows than the resized model (rows 45:48 keep the resize's values).
     model, _ = build_head_model(spec)
     embed = "base.embed_tokens.weight"
     before = gathered(model)[embed]
     load_checkpoint_into_partitions(
-        model, _InfoReader(reader, {embed: 45}), sources={k: k for k in ckpt}, partial_rows={embed: (45, 48)}
+        model, _InfoReader(reader, {embed: 45}), LoadPlan(sources={k: k for k in ckpt}, partial_rows={embed: (45, 48)})
     )
     full = gathered(model)
     out["partial"] = {
@@ -203,7 +206,7 @@ def check_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 class _InfoReader:
-    """hfbuilder.checkpoint_io's reader interface, with some tensors cut to fewer rows."""
+    """The reader protocol, with some tensors cut to fewer rows."""
 
     def __init__(self, reader: Any, rows: dict[str, int]) -> None:
         self.reader, self.rows = reader, rows
@@ -211,17 +214,17 @@ class _InfoReader:
     def keys(self) -> list[str]:
         return self.reader.keys()
 
-    def info(self, key: str) -> Any:
-        shape = tuple(self.reader.shape(key))
+    def info(self, key: str) -> TensorInfo:
+        shape = tuple(self.reader.info(key).shape)
         if key in self.rows:
             shape = (self.rows[key], *shape[1:])
-        return type("TensorInfo", (), {"shape": shape})()
+        return TensorInfo(shape, self.reader.info(key).dtype)
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def get(self, key: str, device: Any = None) -> torch.Tensor:
         return self.reader.get(key)[: self.rows.get(key)]
 
     def get_slice(self, key: str) -> Any:
-        return self.get_tensor(key)
+        return self.get(key)
 
 
 def check_global_state(spec: dict[str, Any]) -> dict[str, Any]:

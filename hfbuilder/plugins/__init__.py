@@ -11,6 +11,7 @@ from .lora import LoraStage
 from .materialize import MaterializeStage
 from .resize import ResizeStage
 from .reward import RewardHead
+from .reward_layout import RewardLayoutStage
 from .token_align import TokenAlignStage
 from .zero import ZeroStage
 
@@ -26,6 +27,7 @@ __all__ = [
     "MaterializeStage",
     "ResizeStage",
     "RewardHead",
+    "RewardLayoutStage",
     "TokenAlignStage",
     "ZeroStage",
 ]

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from .. import remote_code
 from ..context import BuildContext
 from ..errors import BuilderInputError
-from ..files import FORMAT_JSON, FileInfo
 from ..hookspecs import hookimpl
 from ..settings import Settings, setting
 from ..stage import Stage
+from ..weights import FORMAT_JSON, FileInfo
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,10 @@ class ConfigSettings(Settings):
         if self.config is not None and not hasattr(self.config, "model_type"):
             raise BuilderInputError(f"config.config must be a transformers config, got {self.config!r}")
         if "trust_remote_code" in self.kwargs:
-            raise BuilderInputError("pass trust_remote_code as its own setting, not inside config.kwargs")
+            raise BuilderInputError(
+                "pass trust_remote_code as its own setting, not in config_kwargs: it governs every transformers "
+                "call of the build, not only the config's"
+            )
 
 
 class ConfigStage(Stage):
@@ -60,13 +64,18 @@ class ConfigStage(Stage):
             ctx.note(f"copied the given {type(given).__name__} (model_type={given.model_type!r})")
             ctx.fact("model_type", given.model_type)
             return
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoConfig
 
         try:
+            # Explicit, never None: None makes transformers ask on stdin whether to run the code.
             ctx.config = AutoConfig.from_pretrained(
                 ctx.model_name_or_path, **settings.kwargs, trust_remote_code=settings.trust_remote_code
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, StrictDataclassError) as exc:  # the last: a field of the wrong type
+            refused = remote_code.refusal(ctx.model_name_or_path, exc)
+            if refused is not None:
+                raise refused from exc
             raise BuilderInputError(f"cannot read a model config from {ctx.model_name_or_path!r}: {exc}") from exc
         ctx.note(f"read {type(ctx.config).__name__} (model_type={ctx.config.model_type!r}) from {ctx.model_name_or_path}")
         ctx.fact("model_type", ctx.config.model_type)

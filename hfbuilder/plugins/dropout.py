@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from ..context import BuildContext
+from ..errors import BuilderInputError
 from ..hookspecs import hookimpl
 from ..settings import Settings, setting
 from ..stage import Stage
@@ -50,6 +53,13 @@ class DropoutSettings(Settings):
                               doc="one probability for every dropout key the config has; None keeps the config's")
 
 
+def _probability(value: Any) -> bool:
+    """None (unset) or a finite number in [0, 1]."""
+    if value is None:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
 class DropoutStage(Stage):
     """Sets every known dropout key the config has to the ``dropout`` setting."""
 
@@ -60,9 +70,16 @@ class DropoutStage(Stage):
     def _plan(self, ctx: BuildContext) -> tuple[float | None, list[str], list[str]]:
         """(p, keys to set, dropout-like keys not covered), with the facts and warnings both runs share."""
         p = ctx.settings(self.name).p
+        present, unknown = split_keys(ctx.config, ctx.dropout_keys)
+        kept = unknown if p is not None else [*present, *unknown]
+        bad = {k: getattr(ctx.config, k) for k in kept if not _probability(getattr(ctx.config, k))}
+        if bad:
+            raise BuilderInputError(
+                f"the {ctx.config.model_type!r} config holds dropout values that are not probabilities in [0, 1]: "
+                f"{bad}; fix config.json or set them with with_dropout()"
+            )
         if p is None:
             return None, [], []
-        present, unknown = split_keys(ctx.config, ctx.dropout_keys)
         ctx.fact("dropout", p)
         ctx.fact("dropout_keys_set", present)
         ctx.fact("dropout_not_covered", unknown)

@@ -8,15 +8,25 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..checkpoint_io import find_checkpoint, open_checkpoint
 from ..context import PROVENANCE_INITIALIZED, PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
 from ..errors import BuilderInputError, CheckpointError
-from ..files import FORMAT_JSON, CheckpointSummary, FileInfo, checkpoint_to_model_keys, summarize
 from ..hookspecs import hookimpl
 from ..loaders import LoaderChoice, Read, check_loader, choose_io, choose_loader
-from ..pretrained import build_on_meta, directory_blocker, load_by_assignment, model_blocker, pretrained_dtype
+from ..pretrained import build_on_meta, directory_blocker, pretrained_by_assignment
+from ..remote_code import remote_code_kwargs
 from ..settings import Settings, setting
 from ..stage import Stage
+from ..weights import (
+    FORMAT_JSON,
+    CheckpointSummary,
+    FileInfo,
+    check_pretrained,
+    find_checkpoint,
+    format_conflict,
+    map_keys,
+    open_checkpoint,
+    summarize,
+)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "npu", "hpu", "meta")
@@ -79,6 +89,15 @@ class LoadStage(Stage):
         settings = ctx.settings(self.name)
         if not ctx.zero3:
             check_loader(settings.loader, settings.device)
+        # from_pretrained of a local directory: refuse bad files from their headers now, with
+        # the file and key named, rather than from inside transformers once loading is under way.
+        path = ctx.model_name_or_path
+        if settings.deferred or not os.path.isdir(path):
+            return
+        check_pretrained(path, _meta_architecture(ctx))
+        conflict = format_conflict(path)
+        if conflict:
+            ctx.warn(conflict)
 
     def explain(self, ctx: BuildContext) -> list[str]:
         cls = getattr(ctx.model_class, "__name__", str(ctx.model_class))
@@ -89,7 +108,7 @@ class LoadStage(Stage):
         dtype = _explain_dtype(ctx, weights)
         # The architecture on the meta device: exact parameter count and names, at no memory
         # cost. Later stages' explain() see it as ctx.model.
-        model = build_on_meta(ctx.model_class, copy.deepcopy(ctx.config), torch_dtype(dtype))
+        model = build_on_meta(ctx.model_class, copy.deepcopy(ctx.config), torch_dtype(dtype), **_remote_code(ctx))
         ctx.model = model
         n = sum(p.numel() for p in model.parameters())
         device = "meta" if deferred and not ctx.zero3 else settings.device or "cpu"
@@ -129,12 +148,19 @@ class LoadStage(Stage):
             ctx.model = self._architecture(ctx, config, kwargs)
             return
         if ctx.zero3 and settings.partition_loader:
-            from ..zero3 import load_pretrained_partitioned
+            from ..zero3 import listed, load_pretrained_partitioned
 
-            # Each rank reads only the safetensors rows of its own partitions; None: use from_pretrained.
-            model = load_pretrained_partitioned(ctx, config, dtype)
-            if model is not None:
-                ctx.model = model
+            # Each rank reads only the safetensors rows of its own partitions, when it can.
+            loaded = load_pretrained_partitioned(ctx.model_name_or_path, ctx.model_class, config, dtype,
+                                                 trust_remote_code=ctx.settings("config").trust_remote_code)
+            if loaded.model is None:
+                ctx.note(f"ZeRO-3 partition loader skipped: {loaded.skipped}; using from_pretrained")
+            else:
+                ctx.model = model = loaded.model
+                ctx.report.provenance.update(loaded.fill.provenance)
+                ctx.note(loaded.fill.describe())
+                if loaded.unused:
+                    ctx.note(f"checkpoint keys the model does not use (from_pretrained ignores them too): {listed(loaded.unused)}")
                 ctx.note(f"{type(model).__name__} built partitioned, no weight init; filled from {ctx.model_name_or_path}")
                 return
         choice = None if ctx.zero3 else self._choice(ctx, settings)
@@ -149,7 +175,7 @@ class LoadStage(Stage):
             kwargs["device_map"] = device
         start = time.perf_counter()
         model, info = ctx.model_class.from_pretrained(
-            ctx.model_name_or_path, config=config, output_loading_info=True, **kwargs
+            ctx.model_name_or_path, config=config, output_loading_info=True, **kwargs, **_remote_code(ctx)
         )
         seconds = time.perf_counter() - start
         ctx.model = model
@@ -172,7 +198,7 @@ class LoadStage(Stage):
         )
         if choice is not None:
             ctx.fact("loader", "safetensors")
-            _copied(ctx, device, _weights_bytes(ctx.model_name_or_path), seconds, f"safetensors ({choice.why})")
+            _copied(ctx, device, lambda: _weights_bytes(ctx.model_name_or_path), seconds, f"safetensors ({choice.why})")
 
     def _choice(self, ctx: BuildContext, settings: LoadSettings) -> LoaderChoice:
         """The backend a plain build reads with; instanttensor only where assignment can stand in for from_pretrained."""
@@ -194,18 +220,19 @@ class LoadStage(Stage):
 
             # A strict checkpoint fills every weight or fails the build: partition without
             # transformers' ZeRO-3 init (gather, init on rank 0, broadcast) it would overwrite.
-            model = build_partitioned(ctx.model_class, config, kwargs.get("dtype"))
+            model = build_partitioned(ctx.model_class, config, kwargs.get("dtype"),
+                                      trust_remote_code=ctx.settings("config").trust_remote_code)
             ctx.values_undefined = True
             ctx.note(f"{type(model).__name__} built partitioned with no weight init; the strict checkpoint fills it")
         elif ctx.zero3:
             # transformers' from_config builds under deepspeed.zero.Init, partitioned.
-            model = ctx.model_class.from_config(config, **kwargs)
+            model = ctx.model_class.from_config(config, **kwargs, **_remote_code(ctx))
             ctx.note(f"{type(model).__name__}.from_config under zero.Init (weights deferred)")
         else:
             _start_checkpoint_read(ctx)  # before building, so that the read overlaps it
             # Parameters and buffers on the meta device, no init work: the checkpoint stage
             # assigns what it holds and materialize initializes the rest, buffers included.
-            model = build_on_meta(ctx.model_class, config, kwargs.get("dtype"))
+            model = build_on_meta(ctx.model_class, config, kwargs.get("dtype"), **_remote_code(ctx))
             ctx.note(f"{type(model).__name__}.from_config on the meta device: no weight init spent")
         for name, _ in model.named_parameters():
             ctx.report.provenance[name] = PROVENANCE_UNINITIALIZED
@@ -217,22 +244,15 @@ def assign_pretrained(ctx: BuildContext, config: Any, settings: LoadSettings) ->
     """The pretrained model by assignment of tensors instanttensor reads onto the device, or None
     (with a note saying why) where from_pretrained must do it."""
     path, device = ctx.model_name_or_path, settings.device
-    reader = open_checkpoint(path)
-    ctx.call_on_exit(reader.close)
-    io, io_why = choose_io(settings.io, reader.files)
-    read = Read("instanttensor", reader.files, device, io)  # reads while the architecture is built
-    ctx.call_on_exit(read.close)
-    dtype = torch_dtype(pretrained_dtype(ctx.dtype, config, (reader.info(k).dtype for k in reader.keys())))
-    model = build_on_meta(ctx.model_class, config, dtype)
     try:
-        done = model_blocker(model, config, dtype) or load_by_assignment(model, path, reader, read, device)
+        done = pretrained_by_assignment(ctx.model_class, config, path, device=device, dtype=ctx.dtype, io=settings.io,
+                                        **_remote_code(ctx))
     except CheckpointError as exc:
         if settings.loader != "auto":
             raise
         ctx.warn(f"{exc}; from_pretrained reads it instead")
-        done = "the read failed"
+        return None
     if isinstance(done, str):
-        read.close()
         ctx.note(f"instanttensor not used: {done}; from_pretrained reads it")
         return None
     for name in done.loaded:
@@ -245,10 +265,10 @@ def assign_pretrained(ctx: BuildContext, config: Any, settings: LoadSettings) ->
     if done.unexpected:
         ctx.note(f"{len(done.unexpected)} checkpoint tensor(s) the model does not use: {done.unexpected[:5]}")
     ctx.fact("loader", "instanttensor")
-    _copied(ctx, device, done.bytes, done.read_seconds, f"instanttensor, {io} I/O ({done.backend}; {io_why})")
-    ctx.note(f"{type(model).__name__} built on the meta device and assigned {len(done.loaded)} tensors; "
+    _copied(ctx, device, lambda: done.bytes, done.read_seconds, f"instanttensor, {done.io} I/O ({done.backend}; {done.io_why})")
+    ctx.note(f"{type(done.model).__name__} built on the meta device and assigned {len(done.loaded)} tensors; "
              f"initialized by _init_weights: {len(done.initialized)} (non-persistent buffers, missing weights)")
-    return model
+    return done.model
 
 
 def _start_checkpoint_read(ctx: BuildContext) -> None:
@@ -269,14 +289,18 @@ def _weights_bytes(path: str) -> int | None:
     if not os.path.isdir(path):
         return None
     try:
-        return sum(os.path.getsize(f) for f in open_checkpoint(path).files)
+        with open_checkpoint(path) as reader:
+            return sum(os.path.getsize(f) for f in reader.files)
     except (CheckpointError, OSError):
         return None
 
 
-def _copied(ctx: BuildContext, device: Any, nbytes: int | None, seconds: float, how: str) -> None:
-    """The bytes a stage put on the device and how fast (a CPU build maps files, it copies nothing)."""
-    if not nbytes or device in (None, "cpu", "meta") or seconds <= 0:
+def _copied(ctx: BuildContext, device: Any, size: Any, seconds: float, how: str) -> None:
+    """The bytes a stage put on the device (``size()``) and how fast; a CPU build maps files, it copies nothing."""
+    if device in (None, "cpu", "meta") or seconds <= 0:
+        return
+    nbytes = size()
+    if not nbytes:
         return
     gbps = nbytes / seconds / 1e9
     ctx.fact("load_bytes", nbytes)
@@ -295,6 +319,28 @@ def build_dtype(ctx: BuildContext) -> str | None:
 
         return ds_dtype_name(ctx.ds_config)
     return ctx.settings("load").dtype
+
+
+def _meta_architecture(ctx: BuildContext) -> Any:
+    """The model's architecture on the meta device, from the config the config stage will read; None if it cannot.
+
+    The config stage runs after every check; if the config cannot be read or built, that
+    stage (or this one's run) reports it, so the header checks go ahead without the model.
+    """
+    try:
+        from transformers import AutoConfig
+
+        settings = ctx.settings("config")
+        config = settings.config or AutoConfig.from_pretrained(
+            ctx.model_name_or_path, **settings.kwargs, trust_remote_code=settings.trust_remote_code)
+        return build_on_meta(ctx.model_class, copy.deepcopy(config), **_remote_code(ctx))
+    except Exception:  # noqa: BLE001 - reported by the stage that owns it
+        return None
+
+
+def _remote_code(ctx: BuildContext) -> dict[str, Any]:
+    """An explicit ``trust_remote_code`` for the model class: left unset, transformers prompts on stdin."""
+    return remote_code_kwargs(ctx.model_class, ctx.settings("config").trust_remote_code)
 
 
 def _facts(ctx: BuildContext, model: Any) -> None:
@@ -318,14 +364,12 @@ def _explain_weights(ctx: BuildContext, model: Any, weights: CheckpointSummary) 
     ctx.fact("files", [f.to_dict() for f in infos])
     stored = ", ".join(sorted({t.dtype for t in weights.tensors.values()}))
     lines = [f"checkpoint: {len(weights.tensors)} tensors, {weights.values:,} values, stored as {stored}"]
-    renamed = checkpoint_to_model_keys(model, weights.tensors)
-    filled = set(renamed.values())
-    missing = sorted(name for name, _ in model.named_parameters() if name not in filled)
+    keymap = map_keys(model, weights.tensors)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in keymap.filled)
     ctx.fact("missing_weights", missing)
     if missing:
         ctx.warn(f"{ctx.model_name_or_path} has no weights for {missing}; transformers will initialize them randomly")
-    state = model.state_dict()
-    unused = sorted(k for k, new in renamed.items() if new not in state)
+    unused = sorted(keymap.unused)
     if unused:
         more = " ..." if len(unused) > 5 else ""
         lines.append(f"{len(unused)} checkpoint tensor(s) the model does not use: {unused[:5]}{more}")

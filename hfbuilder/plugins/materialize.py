@@ -21,26 +21,13 @@ from ..context import PROVENANCE_INITIALIZED, BuildContext
 from ..errors import InvariantError
 from ..hookspecs import hookimpl
 from ..stage import Stage
+from ..weights import set_tensor, tensor_groups
 
 _LIST_AT_MOST = 12
 NO_CHECKPOINT = (
     "deferred weights without a checkpoint: the weights are randomly initialized, not pretrained; "
     "load them before training (e.g. .with_checkpoint(path))"
 )
-
-
-def _owners(model: Any) -> dict[int, list[tuple[Any, str, str, bool]]]:
-    """id(tensor) -> every (module, attribute, full name, is_parameter) that holds it (tied weights: several)."""
-    owners: dict[int, list[tuple[Any, str, str, bool]]] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{mod_name}." if mod_name else ""
-        for attr, t in module._parameters.items():
-            if t is not None:
-                owners.setdefault(id(t), []).append((module, attr, prefix + attr, True))
-        for attr, t in module._buffers.items():
-            if t is not None:
-                owners.setdefault(id(t), []).append((module, attr, prefix + attr, False))
-    return owners
 
 
 def _outermost_pretrained(model: Any) -> list[tuple[str, Any]]:
@@ -62,25 +49,22 @@ def materialize(model: Any, device: Any) -> list[str]:
     """Replace meta tensors with initialized ones; return the names initialized (one per tensor)."""
     import torch
 
-    owners = _owners(model)
-    tensors = {tid: getattr(entries[0][0], "_parameters" if entries[0][3] else "_buffers")[entries[0][1]]
-               for tid, entries in owners.items()}
-    meta = [tid for tid, t in tensors.items() if t.is_meta]
+    meta = [g for g in tensor_groups(model, non_persistent=True) if g.tensor.is_meta]
     if not meta:
         return []
     new_ids: set[int] = set()
     new_tensors: dict[str, Any] = {}
     touched_modules: set[str] = set()
-    for tid in meta:
-        old = tensors[tid]
+    for group in meta:
+        old = group.tensor
         data = torch.empty(old.shape, dtype=old.dtype, device=device)
         data.fill_(float("nan") if data.is_floating_point() or data.is_complex() else 0)
         new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
-        for module, attr, full, is_param in owners[tid]:
-            (module._parameters if is_param else module._buffers)[attr] = new
+        for full in group.names:  # every name of a tied tensor gets the one new tensor
+            set_tensor(model, full, new)
             touched_modules.add(full.rpartition(".")[0])
         new_ids.add(id(new))
-        new_tensors[owners[tid][0][2]] = new
+        new_tensors[group.name] = new
 
     # Loaded tensors are marked initialized so transformers' init skips them; the
     # modules holding new tensors (and their parents, whose _init_weights may reach

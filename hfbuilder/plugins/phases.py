@@ -36,10 +36,10 @@ PHASES: tuple[Phase, ...] = (
     Phase("reference", "step 3: the reference model, the SFT output frozen in eval mode with dropout 0",
           settings=_EVAL, parameters=("model_name_or_path",)),
     Phase("critic", "step 3: the critic, the step-2 reward model loaded from its checkpoint (deferred weights)",
-          head="reward", head_options=_REWARD, checkpoint=True, parameters=(*_LM, "checkpoint")),
+          head="reward", head_options=_REWARD, checkpoint=True, parameters=(*_LM, "checkpoint", "layout")),
     Phase("reward_eval", "step 3: the reward model that scores rollouts; like critic, frozen in eval mode with "
           "dropout 0", settings=_EVAL, head="reward", head_options=_REWARD, checkpoint=True,
-          parameters=("model_name_or_path", "checkpoint")),
+          parameters=("model_name_or_path", "checkpoint", "layout")),
 )
 
 

@@ -27,8 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
 REWARD_OPTIONS: dict[str, Any] = {"num_padding_at_beginning": 0, "compute_fp32_loss": False}
 
 
-def new_value_head(base: nn.Module, ctx: BuildContext) -> nn.Module:
-    """``Linear(dim, 1, bias=False)`` in the base model's dtype and on its device.
+def new_value_head(base: nn.Module, ctx: BuildContext, bias: bool = False) -> nn.Module:
+    """``Linear(dim, 1, bias=bias)`` in the base model's dtype and on its device.
+
+    DeepSpeed-Chat's head has no bias; one is added when the checkpoint's head has one
+    (TRL, LLaMA-Factory, ``*ForTokenClassification``), as the ``reward_layout`` stage found.
 
     On a deferred build the base is on the meta device, so the head is too and
     costs nothing until the checkpoint or the ``materialize`` stage fills it. Under
@@ -44,9 +47,9 @@ def new_value_head(base: nn.Module, ctx: BuildContext) -> nn.Module:
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=ctx.ds_config):
-            return nn.Linear(dim, 1, bias=False)
+            return nn.Linear(dim, 1, bias=bias)
     ref = next(base.parameters(), None)
-    return nn.Linear(dim, 1, bias=False, device=ref.device if ref is not None else None,
+    return nn.Linear(dim, 1, bias=bias, device=ref.device if ref is not None else None,
                      dtype=ref.dtype if ref is not None else None)
 
 
@@ -80,12 +83,14 @@ class RewardHead(Head):
             f"{which} (pad id {ctx.tokenizer.pad_token_id})",
             f"pairwise loss in {'fp32' if opts['compute_fp32_loss'] else 'the model dtype'}",
         ]
+        if _checkpoint_head_bias(ctx):
+            lines.append("v_head has a bias, as the checkpoint's head does")
         if ctx.model is not None:  # the architecture on the meta device: count what the head adds and drops
             from .reward_model import base_for_reward, value_head_dim
 
             base = base_for_reward(ctx.model)  # a causal LM without a findable base fails here, before the build
             dropped = sum(p.numel() for p in ctx.model.parameters()) - sum(p.numel() for p in base.parameters())
-            ctx.fact("parameters_added", value_head_dim(base.config) - dropped)
+            ctx.fact("parameters_added", value_head_dim(base.config) + _checkpoint_head_bias(ctx) - dropped)
             if dropped:
                 lines.append(f"uses {type(base).__name__} inside {type(ctx.model).__name__}: its LM head "
                              f"({dropped:,} parameters) is left out")
@@ -98,7 +103,14 @@ class RewardHead(Head):
         base = base_for_reward(model)
         if base is not model:
             ctx.note(f"using {type(base).__name__} inside {type(model).__name__}: its LM head is not scored")
-        return RewardModel(base, ctx.tokenizer, v_head=new_value_head(base, ctx), **opts)
+        head = new_value_head(base, ctx, bias=_checkpoint_head_bias(ctx))
+        return RewardModel(base, ctx.tokenizer, v_head=head, **opts)
+
+
+def _checkpoint_head_bias(ctx: BuildContext) -> bool:
+    """Whether the checkpoint's head has a bias, as the ``reward_layout`` stage found (False without it)."""
+    resolved = ctx.reward_layout
+    return resolved is not None and resolved.key_map.bias is not None
 
 
 def __getattr__(name: str) -> Any:

@@ -121,6 +121,10 @@ class RewardModel(nn.Module):
             raise BuilderInputError("the reward model needs a pad token id: the tokenizer has no pad_token_id")
         self.PAD_ID = int(pad_token_id)
         self.compute_fp32_loss = compute_fp32_loss
+        #: ``(mean, std)`` of the rewards when the checkpoint recorded them (OpenRLHF's config.json),
+        #: else None. Values stay raw: OpenRLHF applies ``(r - mean) / std`` only with its
+        #: ``normalize_reward`` on, so the caller decides.
+        self.reward_normalization: tuple[float, float] | None = None
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.rwtransformer.gradient_checkpointing_enable(**kwargs)

@@ -7,9 +7,9 @@ from typing import Any
 
 from ..context import BuildContext
 from ..errors import BuilderInputError
-from ..files import read_json
 from ..hookspecs import hookimpl
 from ..stage import Stage
+from ..weights import read_json
 
 
 class TokenAlignStage(Stage):

@@ -69,3 +69,22 @@ def test_no_dropout_requested_leaves_config_alone(model_dir, tokenizer_for):
     path = model_dir("gpt2")
     model = ModelBuilder(AutoModelForCausalLM, path, tokenizer_for(path)).build()
     assert model.config.resid_pdrop == 0.1
+
+
+def test_a_nan_dropout_in_config_json_is_refused_naming_it(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from hfbuilder import BuilderInputError, ModelBuilder
+    from hfbuilder.testing import make_model, make_tokenizer
+
+    path = make_model("opt", tmp_path / "nan-dropout")
+    config = json.loads((tmp_path / "nan-dropout" / "config.json").read_text())
+    config["attention_dropout"] = float("nan")
+    (tmp_path / "nan-dropout" / "config.json").write_text(json.dumps(config))
+    builder = ModelBuilder(AutoModelForCausalLM, path, make_tokenizer())
+    with pytest.raises(BuilderInputError, match="attention_dropout"):
+        builder.build()
+    assert not builder.explain().ok
+    assert builder.with_dropout(0.0).build().config.attention_dropout == 0.0  # a value set replaces it

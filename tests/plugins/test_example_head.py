@@ -64,7 +64,7 @@ def test_autoload_off_means_the_head_is_unknown(installed, monkeypatch, model_di
 
 def test_importing_hfbuilder_and_its_plugins_stays_light():
     code = (
-        "import sys, hfbuilder, hfbuilder.plugins, hfbuilder.checkpoint_io, hfbuilder.compat\n"
+        "import sys, hfbuilder, hfbuilder.plugins, hfbuilder.weights, hfbuilder.zero3, hfbuilder.compat\n"
         "from hfbuilder.manager import Plugins\n"
         "Plugins(autoload=False).phases()\n"
         "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'peft', 'safetensors.torch') if m in sys.modules]\n"

@@ -1,32 +1,30 @@
 """Read model checkpoints without executing pickled code.
 
-One small reader for every place that needs weights from disk: the checkpoint
-stage, ZeRO-3 partition loading (each rank reads only its slices), and tools that
-inspect a checkpoint. It knows the four layouts ``save_pretrained`` and
-DeepSpeed-Chat write, and prefers safetensors:
+One reader protocol for every place that needs weights from disk: the checkpoint
+stage, ZeRO-3 partition loading (each rank reads only its rows), ``explain`` and
+``hfbuilder inspect``. :class:`CheckpointReader` knows the four layouts
+``save_pretrained`` and DeepSpeed-Chat write, and prefers safetensors:
 
 1. ``model.safetensors``
 2. ``model.safetensors.index.json`` (sharded)
 3. ``pytorch_model.bin`` (DeepSpeed-Chat's ``save_hf_format``)
 4. ``pytorch_model.bin.index.json`` (sharded)
 
-safetensors files are memory-mapped: ``get_tensor`` returns a tensor backed by
-the file's pages (copy-on-write), so nothing is read until it is used. ``.bin``
-files go through ``torch.load(weights_only=True, mmap=True)``: a file that holds
-anything but tensors and plain containers is refused before any of it runs.
+safetensors files are memory-mapped: ``get`` returns a tensor backed by the file's
+pages (copy-on-write), so nothing is read until it is used. ``.bin`` files go through
+:func:`~hfbuilder.weights.binfile.load_bin`, which refuses anything but tensors.
 
 torch and safetensors are imported only when a file is opened.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -42,10 +40,12 @@ SEARCH_ORDER: tuple[tuple[str, str], ...] = (
 )
 
 #: safetensors dtype codes -> torch dtype names.
-_SAFE_DTYPES = {
+SAFE_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64",
 }  # fmt: skip
 
 
@@ -55,7 +55,32 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     dtype: str  # torch dtype name: "float16", "bfloat16", ...
-    file: str
+    file: str = ""
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """What every consumer of checkpoint weights asks of a checkpoint.
+
+    ``get_slice(key)[a:b]`` returns rows ``a:b`` of ``key`` (dim 0) reading only those
+    rows, which is what lets each ZeRO-3 rank read just its own partition.
+    """
+
+    def keys(self) -> list[str]:
+        """The checkpoint's tensor names."""
+        ...
+
+    def info(self, key: str) -> TensorInfo:
+        """Shape and dtype of ``key``, without reading its data."""
+        ...
+
+    def get(self, key: str, device: Any = None) -> Any:
+        """The whole tensor ``key``, on ``device`` (None: where it lives, memory-mapped on the CPU)."""
+        ...
+
+    def get_slice(self, key: str) -> Any:
+        """A lazy view of ``key`` that ``[a:b]`` slices along dim 0."""
+        ...
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> tuple[str, str]:
@@ -89,7 +114,7 @@ def find_checkpoint(path: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 class _TensorSlice:
-    """A ``.bin`` tensor behind the same small interface as safetensors' ``PySafeSlice``."""
+    """A tensor in memory behind the same small interface as safetensors' ``PySafeSlice``."""
 
     def __init__(self, tensor: Any) -> None:
         self._tensor = tensor
@@ -104,38 +129,65 @@ class _TensorSlice:
         return self._tensor[index]
 
 
+class _FileSlice:
+    """A safetensors slice that maps the file for each read and unmaps it after.
+
+    The pages a ZeRO-3 rank reads for its partition then do not stay resident: its RSS
+    grows by its partition, not by the file.
+    """
+
+    def __init__(self, file: str, key: str, info: TensorInfo) -> None:
+        self.file, self.key, self.info = file, key, info
+
+    def get_shape(self) -> list[int]:
+        return list(self.info.shape)
+
+    def get_dtype(self) -> str:
+        return self.info.dtype
+
+    def __getitem__(self, index: Any) -> Any:
+        with _open_safetensors(self.file) as fh:
+            return fh.get_slice(self.key)[index]
+
+
 class CheckpointReader:
-    """Keys, shapes and dtypes of a checkpoint, and its tensors one at a time.
+    """A checkpoint directory, weights file or shard index, behind the :class:`Reader` protocol.
 
     Use as a context manager, or call :meth:`close`. Tensors already returned stay
     valid after closing (they hold their own reference to the mapped file).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        from .shards import check_shards, shard_map
+
         self.path = os.fspath(path)
         self.format, self.file = find_checkpoint(self.path)
         self._handles: dict[tuple[str, str], Any] = {}  # (shard, device) -> safe_open handle or .bin dict
-        self._weight_map: dict[str, str] = self._read_weight_map()
-
-    # -- discovery ------------------------------------------------------------------
-
-    def _read_weight_map(self) -> dict[str, str]:
+        self._info: dict[str, TensorInfo] = {}
+        self._weight_map: dict[str, str] = {}
+        # Every header is read and checked now, before any tensor: an index that names a file
+        # outside the directory, a shard that disagrees with the index or a header that
+        # disagrees with its data is refused before a caller acts on half of it.
+        shards = shard_map(self.file)
+        found = {shard: self._read_headers(shard) for shard in shards}
         if self.file.endswith(".index.json"):
-            try:
-                with open(self.file, encoding="utf-8") as fh:
-                    index = json.load(fh)
-                weight_map = index["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"cannot read checkpoint index {self.file!r}: {exc}") from exc
-            base = os.path.dirname(self.file)
-            out = {str(k): os.path.join(base, str(v)) for k, v in weight_map.items()}
-            for shard in sorted(set(out.values())):
-                if not os.path.isfile(shard):
-                    raise CheckpointError(f"checkpoint index {self.file!r} names shard {shard!r}, which does not exist")
-            return out
+            check_shards(self.file, {s: keys or [] for s, keys in shards.items()}, {s: list(h) for s, h in found.items()})
+        for shard, headers in found.items():
+            for key, info in headers.items():
+                self._weight_map[key] = shard
+                self._info[key] = info
+
+    def _read_headers(self, file: str) -> dict[str, TensorInfo]:
         if self.format == "safetensors":
-            return {key: self.file for key in self._open(self.file).keys()}
-        return {key: self.file for key in self._open(self.file)}
+            fh = self._open(file)
+            out = {}
+            for key in fh.keys():
+                sl = fh.get_slice(key)
+                code = sl.get_dtype()
+                out[key] = TensorInfo(tuple(sl.get_shape()), SAFE_DTYPES.get(code, code.lower()), file)
+            return out
+        return {k: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."), file)
+                for k, t in self._open(file).items()}
 
     @property
     def files(self) -> list[str]:
@@ -155,14 +207,8 @@ class CheckpointReader:
         return len(self._weight_map)
 
     def info(self, key: str) -> TensorInfo:
-        """Shape and dtype of ``key`` without reading its data."""
-        file = self._file_of(key)
-        if self.format == "safetensors":
-            sl = self._open(file).get_slice(key)
-            code = sl.get_dtype()
-            return TensorInfo(tuple(sl.get_shape()), _SAFE_DTYPES.get(code, code.lower()), file)
-        tensor = self._open(file)[key]
-        return TensorInfo(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), file)
+        self._file_of(key)
+        return self._info[key]
 
     def metadata(self) -> dict[str, str]:
         """The safetensors header metadata (``{"format": "pt"}``...); empty for .bin files."""
@@ -170,9 +216,7 @@ class CheckpointReader:
             return {}
         return dict(self._open(self.files[0]).metadata() or {})
 
-    # -- reading --------------------------------------------------------------------
-
-    def get_tensor(self, key: str, device: Any = None) -> Any:
+    def get(self, key: str, device: Any = None) -> Any:
         """The tensor ``key``, memory-mapped on the CPU, or read straight onto ``device``."""
         file = self._file_of(key)
         if self.format == "safetensors":
@@ -186,7 +230,7 @@ class CheckpointReader:
         """A lazy view of ``key``: ``get_shape()``, ``get_dtype()`` and ``[...]`` read only the slice."""
         file = self._file_of(key)
         if self.format == "safetensors":
-            return self._open(file).get_slice(key)
+            return _FileSlice(file, key, self._info[key])
         return _TensorSlice(self._open(file)[key])
 
     def close(self) -> None:
@@ -201,8 +245,6 @@ class CheckpointReader:
     def __repr__(self) -> str:
         return f"<CheckpointReader {self.format} {self.file!r}: {len(self)} tensors in {len(self.files)} file(s)>"
 
-    # -- internals ------------------------------------------------------------------
-
     def _file_of(self, key: str) -> str:
         try:
             return self._weight_map[key]
@@ -210,6 +252,8 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint {self.file!r} has no tensor {key!r}") from None
 
     def _open(self, file: str, device: str = "cpu") -> Any:
+        from .binfile import load_bin
+
         handle = self._handles.get((file, device))
         if handle is None:
             handle = _open_safetensors(file, device) if self.format == "safetensors" else load_bin(file)
@@ -220,50 +264,13 @@ class CheckpointReader:
 def _open_safetensors(file: str, device: str = "cpu") -> Any:
     from safetensors import SafetensorError, safe_open
 
+    from .safeheader import diagnose
+
     try:
         return safe_open(file, framework="pt", device=device)
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read safetensors file {file!r}: {exc}") from exc
-
-
-def load_bin(file: str) -> dict[str, Any]:
-    """A ``.bin`` state dict through ``torch.load(weights_only=True)``, memory-mapped when the file allows.
-
-    Anything but tensors and plain containers is refused by torch's restricted
-    unpickler before it runs; the error says so.
-    """
-    import pickle
-    import re
-
-    import torch
-
-    try:
-        try:
-            data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            data = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        found = re.search(r"Unsupported global: (GLOBAL \S+)", text) or re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-        reason = found.group(1) if found else type(exc).__name__
-        raise CheckpointError(
-            f"refused to load {file!r}: it holds pickled objects other than tensors, and hfbuilder never "
-            f"executes pickled code (torch.load(weights_only=True) refused {reason}). Convert it with "
-            "code you trust to safetensors."
-        ) from exc
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {file!r}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        kind = type(data).__name__
-        sample = list(data)[:5] if isinstance(data, dict) else None
-        raise CheckpointError(
-            f"checkpoint {file!r} is not a flat state dict of tensors (got a {kind}"
-            + (f" with keys {sample}" if sample is not None else "")
-            + "); save model.state_dict() itself"
-        )
-    return data
+        detail = diagnose(file) if isinstance(exc, SafetensorError) else None
+        raise CheckpointError(f"cannot read safetensors file {file!r}: {detail or exc}") from exc
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
@@ -277,8 +284,8 @@ __all__ = [
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
     "CheckpointReader",
+    "Reader",
     "TensorInfo",
     "find_checkpoint",
-    "load_bin",
     "open_checkpoint",
 ]

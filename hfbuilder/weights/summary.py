@@ -1,9 +1,9 @@
 """What a checkpoint holds, without its weights: files, formats, tensor names, shapes and
-dtypes, the model keys they load into, and whose layout they follow.
+dtypes, and whose layout they follow.
 
 ``explain()`` and ``hfbuilder inspect`` use it; neither reads a weight. Files are opened with
-:class:`hfbuilder.checkpoint_io.CheckpointReader` (safetensors headers through ``get_slice``;
-a ``.bin`` through ``torch.load(weights_only=True, mmap=True)``, which refuses code).
+:class:`~hfbuilder.weights.reader.CheckpointReader` (safetensors headers; a ``.bin`` through
+``torch.load(weights_only=True, mmap=True)``, which refuses code).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .checkpoint_io import CheckpointReader, TensorInfo
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .reader import CheckpointReader, TensorInfo, find_checkpoint
 
 #: Bytes per element of each torch dtype name, for memory estimates.
 DTYPE_BYTES: dict[str, int] = {
@@ -76,12 +76,13 @@ def summarize(path: str | os.PathLike[str], progress: Callable[[Iterable[str]], 
     """Format, files and every tensor's shape and dtype; ``progress`` wraps the keys (e.g. ``tqdm``)."""
     path = os.fspath(path)
     try:
-        reader = CheckpointReader(path)
-    except CheckpointError:
+        find_checkpoint(path)
+    except CheckpointError:  # no standard name: a lone weights file is read, anything else refused as it was
         single = _single_weights_file(path)
         if single == path:
             raise
-        reader = CheckpointReader(single)
+        path = single
+    reader = CheckpointReader(path)
     with reader:
         fmt = _FORMATS[reader.format]
         index = [FileInfo.of(reader.file, FORMAT_JSON)] if reader.file.endswith(".json") else []
@@ -104,36 +105,6 @@ def read_json(path: str) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path!r} must hold a JSON object")
     return data
-
-
-def checkpoint_to_model_keys(model: Any, checkpoint_keys: Iterable[str]) -> dict[str, str]:
-    """checkpoint key -> the key of ``model`` it loads into, renamed as ``from_pretrained`` renames.
-
-    transformers 5 renames legacy keys (GPT-NeoX's ``embed_out`` -> ``lm_head``) and adds or
-    strips the base-model prefix. This asks its own rules (``model`` may be on the meta
-    device), so a dry run predicts the same missing keys as the load.
-    """
-    state = model.state_dict()
-    prefix = getattr(model, "base_model_prefix", None) or None
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # transformers 4: only the base-model prefix rule
-        def rename(key: str) -> str:
-            candidates = (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")) if prefix else (key,)
-            return next((c for c in candidates if c in state), key)
-    else:
-        mapping = get_model_conversion_mapping(model)
-        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-        converters = [t for t in mapping if isinstance(t, WeightConverter)]
-
-        def rename(key: str) -> str:
-            new, _ = rename_source_key(key, renamings, converters, prefix, state)
-            if new not in state and key in state:  # as transformers does: keep a key that already fits
-                new, _ = rename_source_key(key, [], [], prefix, state)
-            return new
-
-    return {key: rename(key) for key in checkpoint_keys}
 
 
 @dataclass(frozen=True)
@@ -178,10 +149,12 @@ def guess_layout(keys: Iterable[str], config: Mapping[str, Any] | None = None) -
 
 __all__ = [
     "DTYPE_BYTES",
+    "FORMAT_JSON",
+    "FORMAT_PICKLE",
+    "FORMAT_SAFETENSORS",
     "CheckpointSummary",
     "FileInfo",
     "Layout",
-    "checkpoint_to_model_keys",
     "guess_layout",
     "read_json",
     "summarize",
