@@ -527,6 +527,7 @@ def worker(case_name: str, contender_name: str, workdir: Path, device: str, shap
         result["gpu_name"] = torch.cuda.get_device_name()
     if report is not None:
         result["stages"] = {r.name: round(r.seconds, 4) for r in report.stages}
+        result["report_total_s"], result["verify_s"] = round(report.total_seconds, 4), round(report.verify_seconds, 4)
         result["facts"] = {r.name: {k: v for k, v in r.facts.items() if k.startswith("load")}
                            for r in report.stages if any(k.startswith("load") for k in r.facts)}
     if llama:
@@ -652,7 +653,11 @@ def run_case(case: Case, args: argparse.Namespace, log: Any) -> Outcome:
             log(f"  sync: {time.perf_counter() - started:.1f} s")
             files = _load.LlamaCheckpoints(args.workdir / shape).files("sft")
             warmup = 0
-            measure = lambda c: {**run_worker(cmd(c), args.timeout), "cached_before": _load.evict(files)}  # noqa: E731
+
+            def measure(c: Contender) -> dict[str, Any]:
+                cached = _load.evict(files)  # before the worker starts: it must find the files cold
+                return {**run_worker(cmd(c), args.timeout), "cached_before": cached}
+
         else:
             warm_page_cache(Checkpoints(args.workdir / shape))
             measure = lambda c: run_worker(cmd(c), args.timeout)  # noqa: E731
