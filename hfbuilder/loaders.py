@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,15 @@ from typing import Any
 from .errors import BuilderInputError, CheckpointError
 
 LOADERS = ("auto", "safetensors", "instanttensor")
+
+
+class ReadFailed(CheckpointError):
+    """A load backend could not read the files (not a problem of the checkpoint's contents).
+
+    With ``loader="auto"`` the stages fall back to safetensors on it, with a warning.
+    """
+
+
 IO_MODES = ("auto", "buffered", "direct")
 FAST_EXTRA = "pip install 'hfbuilder[fast]'"
 #: ``auto`` reads buffered when at least this share of the sampled pages is in the page cache.
@@ -184,25 +194,12 @@ def read_instanttensor(files: list[str], device: Any, io: str = "buffered", keys
     start = time.perf_counter()
     with torch.cuda.device(dev):  # instanttensor syncs the current device's stream; this thread's may be another
         with instanttensor.safe_open(sorted(files), framework="pt", device=dev.index, **kwargs) as fh:
-            _reserve(fh.total_tensor_size, dev)
             for name, tensor in fh.tensors():
                 out.tensors[name] = tensor
                 out.bytes += _nbytes(tensor)
             out.backend = getattr(getattr(fh, "backend", None), "name", "") or str(getattr(fh, "backend", ""))
     out.seconds = time.perf_counter() - start
     return out
-
-
-def _reserve(nbytes: int, device: Any) -> None:
-    """Have torch's caching allocator reserve ``nbytes`` in one block, as transformers'
-    ``caching_allocator_warmup`` does: the tensors then come out of it without a cudaMalloc each."""
-    import torch
-
-    try:
-        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    except torch.cuda.OutOfMemoryError:
-        return  # not enough for one block: each tensor allocates its own, slower but fine
-    del block
 
 
 def read_safetensors(files: list[str], device: Any, keys: list[str] | None = None) -> Loaded:
@@ -227,8 +224,12 @@ class Read:
 
     instanttensor reads in a background thread, so that the read overlaps building the model on
     the meta device (its I/O and copies run in native threads; the Python loop holds the GIL only
-    between tensors). safetensors reads in :meth:`result`, in the calling thread.
+    between tensors). While it runs, the interpreter hands the GIL over every 0.25 ms instead of
+    every 5: otherwise a thread busy building the model makes the read's loop wait up to 5 ms per
+    tensor, and its staging buffers fill. safetensors reads in :meth:`result`, in the calling thread.
     """
+
+    SWITCH_INTERVAL = 0.00025
 
     def __init__(self, loader: str, files: list[str], device: Any, io: str = "buffered",
                  keys: list[str] | None = None, why: str = "") -> None:  # fmt: skip
@@ -238,7 +239,10 @@ class Read:
         self._result: Loaded | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._interval: float | None = None
         if loader == "instanttensor":
+            self._interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._interval, self.SWITCH_INTERVAL))
             self._thread = threading.Thread(target=self._background, name="hfbuilder-instanttensor", daemon=True)
             self._thread.start()
 
@@ -248,17 +252,24 @@ class Read:
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits for the result
             self._error = exc
 
-    def result(self) -> Loaded:
-        """The tensors (waits for the read); a failed read is a :class:`CheckpointError`."""
+    def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()
+        if self._interval is not None:
+            sys.setswitchinterval(self._interval)
+            self._interval = None
+
+    def result(self) -> Loaded:
+        """The tensors (waits for the read); a failed read is a :class:`ReadFailed`."""
+        if self._thread is not None:
+            self._join()
         elif self._result is None and self._error is None:
             try:
                 self._result = read_safetensors(self.files, self.device, self._keys)
             except BaseException as exc:  # noqa: BLE001 - reported below, with the files named
                 self._error = exc
         if self._error is not None:
-            raise CheckpointError(
+            raise ReadFailed(
                 f"{self.loader} could not read {', '.join(self.files)} onto {self.device}: "
                 f"{type(self._error).__name__}: {self._error}"
             ) from self._error
@@ -267,8 +278,7 @@ class Read:
 
     def close(self) -> None:
         """Wait for a background read and drop what it read (a build that failed half-way)."""
-        if self._thread is not None:
-            self._thread.join()
+        self._join()
         self._result = None
 
 
@@ -338,6 +348,7 @@ __all__ = [
     "LoaderChoice",
     "PrefetchedReader",
     "Read",
+    "ReadFailed",
     "cached_fraction",
     "check_loader",
     "choose_io",

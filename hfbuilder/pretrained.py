@@ -22,6 +22,7 @@ uses ``from_pretrained`` itself.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,16 +89,6 @@ def build_on_meta(model_class: Any, config: Any, dtype: Any = None, **kwargs: An
     return model
 
 
-def has_converters(model: Any) -> bool:
-    """Whether transformers would merge or split tensors to load this model (not only rename keys)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter
-    except ImportError:  # transformers 4: no conversions
-        return False
-    return any(isinstance(t, WeightConverter) for t in get_model_conversion_mapping(model))
-
-
 @dataclass
 class AssignedPretrained:
     """What :func:`load_by_assignment` did."""
@@ -113,6 +104,8 @@ class AssignedPretrained:
     backend: str = ""
     io: str = ""  # buffered or direct
     io_why: str = ""
+    #: seconds of each step, in order (the read runs alongside "architecture" and "keys")
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def pretrained_by_assignment(model_class: Any, config: Any, path: str, *, device: Any, dtype: str | None,
@@ -121,53 +114,81 @@ def pretrained_by_assignment(model_class: Any, config: Any, path: str, *, device
     architecture is built on the meta device; a str says why it must be ``from_pretrained`` instead.
 
     ``dtype`` is the load setting (None/"auto": as ``from_pretrained`` picks), ``io`` instanttensor's
-    reads (``choose_io``). A failed read is a :class:`~hfbuilder.CheckpointError`.
+    reads (``choose_io``). A failed read is a :class:`~hfbuilder.loaders.ReadFailed`; a tensor whose
+    shape or dtype kind the model cannot take, the :class:`~hfbuilder.CheckpointError` a plain
+    build's check raises (checked here, on the model this path builds anyway, while the read runs).
     """
     import torch
 
-    from .weights import open_checkpoint
+    from .weights import find_checkpoint, open_checkpoint
+    from .weights.shards import shard_map
 
-    reader = open_checkpoint(path)
+    clock = _Clock()
+    files = sorted(shard_map(find_checkpoint(path)[1]))  # the index alone: the read starts before the headers
+    mode, why = choose_io(io, files)
+    read = Read("instanttensor", files, device, mode, why=why)  # reads while the model is built
     try:
-        mode, why = choose_io(io, reader.files)
-        read = Read("instanttensor", reader.files, device, mode, why=why)  # reads while the model is built
+        reader = open_checkpoint(path)  # every header and the shard rules, checked again while reading
+        clock.lap("open")
         try:
             name = pretrained_dtype(dtype, config, (reader.info(k).dtype for k in reader.keys()))
             torch_dtype = getattr(torch, name)
             model = build_on_meta(model_class, config, torch_dtype, **from_config)
-            done = model_blocker(model, config, torch_dtype) or load_by_assignment(model, path, reader, read, device)
+            clock.lap("architecture")
+            done = model_blocker(model, config, torch_dtype) or load_by_assignment(model, path, reader, read, device,
+                                                                                   clock)
         finally:
-            read.close()
+            reader.close()
     finally:
-        reader.close()
+        read.close()
     if not isinstance(done, str):
-        done.io, done.io_why = mode, why
+        done.io, done.io_why, done.phases = mode, why, clock.laps
     return done
 
 
-def load_by_assignment(model: Any, path: str, reader: Any, read: Read, device: Any) -> AssignedPretrained | str:
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 4)
+        self._last = now
+
+
+def load_by_assignment(model: Any, path: str, reader: Any, read: Read, device: Any,
+                       clock: _Clock | None = None) -> AssignedPretrained | str:  # fmt: skip
     """Fill ``model`` (built by :func:`build_on_meta`) from ``read``'s tensors; a str says why it cannot.
 
     ``reader`` is the checkpoint's :class:`~hfbuilder.weights.CheckpointReader` (keys and
-    shapes); ``read`` the started read of its files onto ``device``.
+    shapes); ``read`` the started read of its files onto ``device``. Keys map as
+    ``from_pretrained`` maps them (the base-model prefix rule included).
     """
     from .plugins.materialize import materialize
-    from .weights import assign_from_checkpoint, match_keys
+    from .weights import LoadPlan, assign_from_checkpoint, check_plan, match_keys
 
-    plan = match_keys(model, reader)
-    if plan.mismatched:
-        shown = ", ".join(f"{n} {list(have)} vs {list(want)}" for n, have, want in plan.mismatched[:5])
-        return f"shapes differ from the checkpoint's ({shown})"
-    if plan.unexpected and has_converters(model):
-        return "transformers converts this model's weights (merges or splits tensors) when it loads them"
+    clock = clock or _Clock()
+    plan = match_keys(model, reader, prefixes=True)
+    # What a plain build's check refuses (from_pretrained's own business, missing and unexpected keys, aside).
+    check_plan(LoadPlan(mismatched=plan.mismatched, wrong_dtype=plan.wrong_dtype, files=plan.files,
+                        renamed=plan.renamed), strict=True, source=reader.file, model_name=type(model).__name__)
+    if plan.converted:
+        return "transformers converts some of its tensors (merges or splits them) when it loads them"
+    clock.lap("keys")
     loaded = read.result()
+    clock.lap("wait for the read")
     prefetched = PrefetchedReader(reader, loaded.tensors, device)
-    assign_from_checkpoint(model, plan, prefetched, device=device)
-    del loaded.tensors  # unused tensors (keys the model does not take) free their memory now
+    del loaded.tensors
+    assign_from_checkpoint(model, plan, prefetched, device=device, source=reader.file)
+    del prefetched  # tensors the model does not take free their memory now
+    clock.lap("assign")
     initialized = materialize(model, device)
+    clock.lap("initialize the rest")
     model.eval()
     model.config.name_or_path = path
     _generation_config(model, path)
+    clock.lap("finish")
     filled = {n for names in plan.tied for n in names if any(m in plan.sources for m in names)} | set(plan.sources)
     return AssignedPretrained(
         model=model, loaded=sorted(filled), initialized=initialized, missing=sorted(plan.missing),
@@ -195,7 +216,6 @@ __all__ = [
     "AssignedPretrained",
     "build_on_meta",
     "directory_blocker",
-    "has_converters",
     "load_by_assignment",
     "pretrained_by_assignment",
     "model_blocker",

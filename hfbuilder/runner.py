@@ -26,13 +26,14 @@ def build(plugins: Plugins, order: list[Entry], ctx: BuildContext) -> tuple[Any,
         for entry in order:
             ctx.current_stage = entry.name
             _guard(entry, "check", entry.stage.check, ctx)
+        before = parameter_ids(ctx.model)
         for entry in order:
             ctx.current_stage = entry.name
             ctx.report.stages.append(StageRecord(entry.name, entry.provider))
-            before = parameter_ids(ctx.model)
             _guard(entry, "run", plugins.run_stage, entry.stage, ctx)
-            carry_provenance(ctx, before)
-            after_stage(plugins, entry, ctx)
+            before = carry_provenance(ctx, before)
+            if after_stage(plugins, entry, ctx) is not None:
+                before = parameter_ids(ctx.model)  # a hook acted: it may have replaced parameters
         ctx.current_stage = None
         if ctx.model is not None:
             finish_build(ctx)

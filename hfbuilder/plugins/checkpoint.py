@@ -27,7 +27,7 @@ from typing import Any
 from ..context import PROVENANCE_CHECKPOINT, PROVENANCE_RESIZED, BuildContext
 from ..errors import CheckpointError
 from ..hookspecs import hookimpl
-from ..loaders import LoaderChoice, device_source
+from ..loaders import LoaderChoice, ReadFailed, device_source
 from ..settings import Settings, setting
 from ..stage import Stage
 from ..weights import (
@@ -141,7 +141,7 @@ class CheckpointStage(Stage):
         started, ctx.weights_read = ctx.weights_read, None
         try:
             return device_source(reader, device, load.loader, load.io, started)
-        except CheckpointError as exc:
+        except ReadFailed as exc:
             if load.loader != "auto":
                 raise
             ctx.warn(f"{exc}; read with safetensors instead")

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from ..context import PROVENANCE_INITIALIZED, PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
 from ..errors import BuilderInputError, CheckpointError
 from ..hookspecs import hookimpl
-from ..loaders import LoaderChoice, Read, check_loader, choose_io, choose_loader
+from ..loaders import LoaderChoice, Read, ReadFailed, check_loader, choose_io, choose_loader
 from ..pretrained import build_on_meta, directory_blocker, pretrained_by_assignment
 from ..remote_code import remote_code_kwargs
 from ..settings import Settings, setting
@@ -94,7 +94,10 @@ class LoadStage(Stage):
         path = ctx.model_name_or_path
         if settings.deferred or not os.path.isdir(path):
             return
-        check_pretrained(path, _meta_architecture(ctx))
+        # The instanttensor path builds the architecture anyway and checks it there, while its read
+        # runs; building a second one here would cost a meta build before the read starts.
+        fast = not ctx.zero3 and self._choice(ctx, settings).name == "instanttensor"
+        check_pretrained(path, None if fast else _meta_architecture(ctx))
         conflict = format_conflict(path)
         if conflict:
             ctx.warn(conflict)
@@ -181,8 +184,8 @@ class LoadStage(Stage):
         ctx.model = model
         missing = sorted(info.get("missing_keys") or [])
         mismatched = info.get("mismatched_keys") or []
-        for name, _ in model.named_parameters():
-            ctx.report.provenance[name] = PROVENANCE_PRETRAINED
+        params = list(model.named_parameters())  # one walk for the provenance and the facts
+        ctx.report.provenance.update(dict.fromkeys((name for name, _ in params), PROVENANCE_PRETRAINED))
         ctx.fact("missing_weights", missing)
         if missing or mismatched:
             for name in missing:
@@ -191,11 +194,8 @@ class LoadStage(Stage):
                 f"{ctx.model_name_or_path} lacks weights for {missing + [m[0] for m in mismatched]}; "
                 "transformers initialized them randomly"
             )
-        _facts(ctx, model)
-        ctx.note(
-            f"{type(model).__name__}.from_pretrained: {sum(p.numel() for p in model.parameters()):,} "
-            f"parameters, dtype {next(model.parameters()).dtype}, device {next(model.parameters()).device}"
-        )
+        n, first = _facts(ctx, model, params), params[0][1]
+        ctx.note(f"{type(model).__name__}.from_pretrained: {n:,} parameters, dtype {first.dtype}, device {first.device}")
         if choice is not None:
             ctx.fact("loader", "safetensors")
             _copied(ctx, device, lambda: _weights_bytes(ctx.model_name_or_path), seconds, f"safetensors ({choice.why})")
@@ -247,7 +247,7 @@ def assign_pretrained(ctx: BuildContext, config: Any, settings: LoadSettings) ->
     try:
         done = pretrained_by_assignment(ctx.model_class, config, path, device=device, dtype=ctx.dtype, io=settings.io,
                                         **_remote_code(ctx))
-    except CheckpointError as exc:
+    except ReadFailed as exc:
         if settings.loader != "auto":
             raise
         ctx.warn(f"{exc}; from_pretrained reads it instead")
@@ -265,6 +265,7 @@ def assign_pretrained(ctx: BuildContext, config: Any, settings: LoadSettings) ->
     if done.unexpected:
         ctx.note(f"{len(done.unexpected)} checkpoint tensor(s) the model does not use: {done.unexpected[:5]}")
     ctx.fact("loader", "instanttensor")
+    ctx.fact("load_phases", done.phases)
     _copied(ctx, device, lambda: done.bytes, done.read_seconds, f"instanttensor, {done.io} I/O ({done.backend}; {done.io_why})")
     ctx.note(f"{type(done.model).__name__} built on the meta device and assigned {len(done.loaded)} tensors; "
              f"initialized by _init_weights: {len(done.initialized)} (non-persistent buffers, missing weights)")
@@ -343,13 +344,15 @@ def _remote_code(ctx: BuildContext) -> dict[str, Any]:
     return remote_code_kwargs(ctx.model_class, ctx.settings("config").trust_remote_code)
 
 
-def _facts(ctx: BuildContext, model: Any) -> None:
-    """The facts explain() predicts, from the model the stage made."""
-    first = next(model.parameters())
-    ctx.fact("parameters", sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()))
-    ctx.fact("dtype", str(first.dtype).removeprefix("torch."))
+def _facts(ctx: BuildContext, model: Any, params: list[tuple[str, Any]] | None = None) -> int:
+    """The facts explain() predicts, from the model the stage made; returns its parameter count."""
+    tensors = [p for _, p in params] if params is not None else list(model.parameters())
+    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in tensors)
+    ctx.fact("parameters", n)
+    ctx.fact("dtype", str(tensors[0].dtype).removeprefix("torch."))
     if not ctx.zero3:
-        ctx.fact("device", str(first.device))
+        ctx.fact("device", str(tensors[0].device))
+    return n
 
 
 def _local_weights(ctx: BuildContext) -> CheckpointSummary | None:

@@ -74,9 +74,17 @@ def materialize(model: Any, device: Any) -> list[str]:
         if id(t) not in new_ids and not getattr(t, "_is_hf_initialized", False):
             t._is_hf_initialized = True
             flagged.append(t)
+    visit = {""}
     for name in touched_modules:
         for ancestor in [*_ancestors(name), name] if name else [""]:
             model.get_submodule(ancestor)._is_hf_initialized = False
+            visit.add(ancestor)
+    # Every other module holds only loaded tensors: marked done now, as transformers marks each module it
+    # visits, so that its _init_weights is not called for nothing (most of the time, for an LLM's
+    # few non-persistent buffers).
+    for name, module in model.named_modules():
+        if name not in visit:
+            module._is_hf_initialized = True
     try:
         pretrained = _outermost_pretrained(model)
         for _, pm in pretrained:
