@@ -783,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     p.add_argument("--make", metavar="SHAPE", help=argparse.SUPPRESS)
+    p.add_argument("--contenders", help="comma-separated contender names: run only these (every case)")
     p.add_argument("--shape", choices=sorted({*SHAPES, *_load.LLAMA_SHAPES}),
                    help="run every case at this shape instead of its own")
     args = p.parse_args(argv)
@@ -835,6 +836,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in names:
         case = CASES[name]
+        if args.contenders:
+            keep = {c.strip() for c in args.contenders.split(",")}
+            case = Case(**{**case.__dict__, "contenders": tuple(c for c in case.contenders if c.name in keep)})
         log(f"== {name}: {case.title}")
         outcome = run_case(case, args, log)
         if outcome.skipped:
