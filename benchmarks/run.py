@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -67,6 +69,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing hfb
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when loaded by file path
     sys.path.insert(1, str(Path(__file__).resolve().parent))
 
+import _load  # noqa: E402
 from _common import Checkpoints, make_checkpoints  # noqa: E402
 from _probes import current_rss_mib, peak_rss_mib  # noqa: E402
 
@@ -177,6 +180,13 @@ def c_critic_hfbuilder_st(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, 
     return _critic_hfbuilder(ck.critic_st, device, tok)
 
 
+def c_critic_compat(ck: Checkpoints, device: str, tok: Any) -> tuple[Any, Any]:
+    """As a DeepSpeed-Chat step-3 script calls it: ``create_critic_model(..., rlhf_training=True)``."""
+    from hfbuilder import compat
+
+    return compat.create_critic_model(str(ck.critic_bin), tok, None, NUM_PADDING_AT_BEGINNING, rlhf_training=True), None
+
+
 # -- cases --------------------------------------------------------------------------------------
 
 
@@ -207,9 +217,11 @@ class Ratio:
 class Contender:
     name: str
     fn: Any  # the build, or for case import the module name
-    #: what the worker reads, for the correctness check after the clock stops
+    #: what the worker reads, for the correctness check after the clock stops and its GB/s ("": no check)
     reads: str = "sft"
     warmup: bool = True  # slow baselines skip the untimed warm-up round
+    #: import hfbuilder's plugin modules before the clock (False: the first build in a process pays them)
+    preimport: bool = True
 
 
 @dataclass(frozen=True)
@@ -222,6 +234,11 @@ class Case:
     reps: int
     gpu: bool = False  # runs on options.device; on the CPU set it is forced to "cpu"
     needs_head: str | None = None
+    tiny_shape: str = "tiny"  # the shape --tiny runs
+    #: evict the checkpoint's files from the page cache before every measurement
+    cold: bool = False
+    #: (contender, GB/s it must reach), for the goal table
+    gbps_goal: tuple[str, float] | None = None
 
     def contender(self, name: str) -> Contender:
         return next(c for c in self.contenders if c.name == name)
@@ -254,10 +271,34 @@ CASES: dict[str, Case] = {
               Contender("hfbuilder", c_critic_hfbuilder, reads="critic-bin"),
               Contender("hfbuilder-st", c_critic_hfbuilder_st, reads="critic-st")),
              (Ratio("dschat", "hfbuilder", ">=", 30.0),), reps=3, gpu=True, needs_head="reward"),
+        Case("critic-first", "critic on the CPU, first build in a fresh process (DeepSpeed-Chat step 3)", "opt-350m",
+             (Contender("dschat", c_critic_dschat, reads="critic-bin", warmup=False),
+              Contender("hfbuilder", c_critic_compat, reads="critic-bin", preimport=False)),
+             (Ratio("dschat", "hfbuilder", ">=", 20.0),), reps=5, needs_head="reward"),
+        Case("llama3-8b", "build to the GPU, Llama-3-8B shape, bf16, 4 safetensors shards, page cache warm",
+             "llama3-8b",
+             (Contender("hfbuilder", _load.c_hfbuilder), Contender("hfbuilder-st", _load.c_hfbuilder_st),
+              Contender("hfbuilder-critic", _load.c_hfbuilder_critic, reads="critic-st"),
+              Contender("transformers", _load.c_transformers), Contender("dschat", c_device_dschat, warmup=False),
+              Contender("instanttensor", _load.c_instanttensor), Contender("pinned", _load.c_pinned, reads="")),
+             (Ratio("hfbuilder", "instanttensor", "<=", 1.2), Ratio("hfbuilder-critic", "hfbuilder", "<=", 1.1),
+              Ratio("hfbuilder-st", "hfbuilder"), Ratio("transformers", "hfbuilder"), Ratio("dschat", "hfbuilder"),
+              Ratio("pinned", "hfbuilder")),
+             reps=3, gpu=True, needs_head="reward", tiny_shape="llama-tiny", gbps_goal=("hfbuilder", 20.0)),
+        Case("llama3-8b-cold", "build to the GPU, Llama-3-8B shape, the files evicted from the page cache first",
+             "llama3-8b",
+             (Contender("disk", _load.c_disk, reads=""), Contender("hfbuilder", _load.c_hfbuilder),
+              Contender("hfbuilder-buffered", _load.c_hfbuilder_buffered),
+              Contender("instanttensor-direct", _load.c_instanttensor_direct),
+              Contender("instanttensor", _load.c_instanttensor)),
+             (Ratio("disk", "hfbuilder", ">=", 0.8), Ratio("disk", "hfbuilder-buffered"),
+              Ratio("disk", "instanttensor-direct"), Ratio("disk", "instanttensor")),
+             reps=1, gpu=True, tiny_shape="llama-tiny", cold=True),
     )
 }
 SETS: dict[str, tuple[str, ...]] = {"cpu": ("sft", "import"), "gpu": ("device", "critic"),
-                                    "all": ("sft", "import", "device", "critic")}
+                                    "load": ("llama3-8b", "llama3-8b-cold"), "cpu-critic": ("critic-first",),
+                                    "all": ("sft", "import", "critic-first", "device", "critic", "llama3-8b", "llama3-8b-cold")}
 
 # -- the worker ---------------------------------------------------------------------------------
 
@@ -301,21 +342,25 @@ def worker(case_name: str, contender_name: str, workdir: Path, device: str, shap
     if shape is not None and shape != case.shape:
         case = Case(**{**case.__dict__, "shape": shape})
     contender = case.contender(contender_name)
-    ck = Checkpoints(workdir / case.shape)
+    llama = case.shape in _load.LLAMA_SHAPES
+    ck: Any = _load.LlamaCheckpoints(workdir / case.shape) if llama else Checkpoints(workdir / case.shape)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    import transformers.models.opt.modeling_opt  # noqa: F401  (both sides: the modeling module is imported)
+    # Every side: the modeling module, and instanttensor where installed, are imported before the clock.
+    importlib.import_module(f"transformers.models.{'llama.modeling_llama' if llama else 'opt.modeling_opt'}")
+    if importlib.util.find_spec("instanttensor") is not None:
+        importlib.import_module("instanttensor")
 
-    if contender.name.startswith("hfbuilder"):
+    if contender.name.startswith("hfbuilder") and contender.preimport:
         # One-time module imports stay outside the clock on both sides (the baseline's modeling
         # module above); case "import" measures them. Plugin discovery, the plugin manager and
         # the stage order are per build, and timed.
-        import importlib
-
         from hfbuilder.manager import DEFAULT_PLUGINS
 
         for name in DEFAULT_PLUGINS:
             importlib.import_module(name)
+    elif contender.name.startswith("hfbuilder"):
+        importlib.import_module("hfbuilder.compat")  # a script's import at its top; the plugins load on first build
     tok = AutoTokenizer.from_pretrained(ck.sft)
     cuda = device.startswith("cuda")
     if cuda:
@@ -331,7 +376,17 @@ def worker(case_name: str, contender_name: str, workdir: Path, device: str, shap
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak_rss = peak_rss_mib()
+    probe = report if isinstance(report, dict) else {}  # the raw contenders' own measurements
+    if "skipped" in probe:
+        return {"skipped": probe["skipped"]}
+    seconds = probe.get("seconds", seconds)
     result: dict[str, Any] = {"seconds": seconds, "peak_rss_mib": peak_rss, "base_rss_mib": base_rss}
+    nbytes = probe.get("bytes") or (ck.nbytes(contender.reads) if llama and contender.reads else None)
+    if nbytes:
+        result.update(bytes=nbytes, gbps=nbytes / seconds / 1e9)
+    if "backend" in probe:
+        result["backend"] = probe["backend"]
+    report = None if isinstance(report, dict) else report
     if cuda:
         # hfbuilder's report resets torch's peak counter at each stage start, so the build's peak
         # is the largest of its per-stage peaks and the counter's value since the last reset.
@@ -342,7 +397,15 @@ def worker(case_name: str, contender_name: str, workdir: Path, device: str, shap
         result["gpu_name"] = torch.cuda.get_device_name()
     if report is not None:
         result["stages"] = {r.name: round(r.seconds, 4) for r in report.stages}
-    result["check"] = _check(case, contender, ck, built, device)
+        result["report_total_s"], result["verify_s"] = round(report.total_seconds, 4), round(report.verify_seconds, 4)
+        result["facts"] = {r.name: {k: v for k, v in r.facts.items() if k.startswith("load")}
+                           for r in report.stages if any(k.startswith("load") for k in r.facts)}
+    if llama:
+        last = _load.LLAMA_SHAPES[case.shape]["num_hidden_layers"] - 1
+        checked = contender.reads and built is not None
+        result["check"] = _load.check_llama(contender.reads, ck, built, device, last) if checked else "nothing to check"
+    else:
+        result["check"] = _check(case, contender, ck, built, device)
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     return result
 
@@ -421,6 +484,7 @@ def head_available(name: str) -> bool:
 class Outcome:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    skips: dict[str, str] = field(default_factory=dict)  # contender -> why it cannot run here (no CUDA...)
     skipped: str | None = None
 
 
@@ -451,10 +515,22 @@ def run_case(case: Case, args: argparse.Namespace, log: Any) -> Outcome:
                 raise SystemExit(made["error"])
             args.made.add(shape)
             log(f"  checkpoints for {shape} ready in {time.perf_counter() - started:.1f} s ({made['root']})")
-        warm_page_cache(Checkpoints(args.workdir / shape))
         cmd = lambda c: ["--worker", case.name, c.name, "--workdir", str(args.workdir), "--device", device,  # noqa: E731
                          "--shape", shape]
-        measure = lambda c: run_worker(cmd(c), args.timeout)  # noqa: E731
+        if case.cold:
+            started = time.perf_counter()
+            os.sync()  # what the checkpoint maker wrote must be on disk before its pages can be dropped
+            log(f"  sync: {time.perf_counter() - started:.1f} s")
+            files = _load.LlamaCheckpoints(args.workdir / shape).files("sft")
+            warmup = 0
+
+            def measure(c: Contender) -> dict[str, Any]:
+                cached = _load.evict(files)  # before the worker starts: it must find the files cold
+                return {**run_worker(cmd(c), args.timeout), "cached_before": cached}
+
+        else:
+            warm_page_cache(Checkpoints(args.workdir / shape))
+            measure = lambda c: run_worker(cmd(c), args.timeout)  # noqa: E731
     for _ in range(warmup):
         for c in case.contenders:
             if c.warmup:
@@ -462,22 +538,24 @@ def run_case(case: Case, args: argparse.Namespace, log: Any) -> Outcome:
     for rep in range(reps):
         k = rep % len(case.contenders)
         for c in case.contenders[k:] + case.contenders[:k]:
-            if c.name in out.errors:
+            if c.name in out.errors or c.name in out.skips:
                 continue
             result = measure(c)
-            if "error" in result:
-                out.errors[c.name] = result["error"]
-                log(f"  {c.name}: ERROR {result['error']}")
+            if "error" in result or "skipped" in result:
+                bad = "error" if "error" in result else "skipped"
+                (out.errors if bad == "error" else out.skips)[c.name] = result[bad]
+                log(f"  {c.name}: {bad.upper()} {result[bad]}")
                 continue
             out.samples[c.name].append(result)
             gpu = f", peak GPU {result['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in result else ""
-            log(f"  round {rep + 1}/{reps} {c.name:<13} {result['seconds']:8.3f} s, peak RSS "
+            rate = f", {result['gbps']:.2f} GB/s" if "gbps" in result else ""
+            log(f"  round {rep + 1}/{reps} {c.name:<20} {result['seconds']:8.3f} s{rate}, peak RSS "
                 f"{result['peak_rss_mib']:.0f} MiB{gpu}")
     return out
 
 
 def case_shape(case: Case, args: argparse.Namespace) -> str:
-    return getattr(args, "shape", None) or ("tiny" if args.tiny else case.shape)
+    return getattr(args, "shape", None) or (case.tiny_shape if args.tiny else case.shape)
 
 
 def summarize(case: Case, outcome: Outcome, args: argparse.Namespace) -> dict[str, Any]:
@@ -495,13 +573,20 @@ def summarize(case: Case, outcome: Outcome, args: argparse.Namespace) -> dict[st
         info: dict[str, Any] = {"n": len(samples), "samples": samples}
         if c.name in outcome.errors:
             info["error"] = outcome.errors[c.name]
+        if c.name in outcome.skips:
+            info["skipped"] = outcome.skips[c.name]
         if samples:
             secs = [s["seconds"] for s in samples]
             info.update(median_s=statistics.median(secs), min_s=min(secs), max_s=max(secs),
                         peak_rss_mib=_median(samples, "peak_rss_mib"), base_rss_mib=_median(samples, "base_rss_mib"),
-                        peak_gpu_mib=_median(samples, "peak_gpu_mib"))
+                        peak_gpu_mib=_median(samples, "peak_gpu_mib"), gbps=_median(samples, "gbps"))
             medians[c.name] = info["median_s"]
         entry["contenders"][c.name] = info
+    if case.gbps_goal is not None:
+        who, goal = case.gbps_goal
+        got = entry["contenders"].get(who, {}).get("gbps")
+        entry["ratios"].append({"ratio": f"{who} GB/s (median)", "value": got, "goal": f">= {goal:g}",
+                                "met": None if got is None else got >= goal})
     for r in case.ratios:
         if r.num in medians and r.den in medians and medians[r.den] > 0:
             value = medians[r.num] / medians[r.den]
@@ -529,19 +614,20 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     lines = [f"Run {meta['date']} on {meta['device']}; {meta['reps_note']}.", "",
-             "| case | shape | device | contender | median s | min–max s | peak RSS MiB | peak GPU MiB | n |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "| case | shape | device | contender | median s | min–max s | peak RSS MiB | peak GPU MiB | n | GB/s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, case in results["cases"].items():
         if "skipped" in case:
             lines.append(f"| {name} | {case['shape']} | {case['device']} | skipped: {case['skipped']} | | | | | |")
             continue
         for cname, c in case["contenders"].items():
             if c.get("median_s") is None:
-                lines.append(f"| {name} | {case['shape']} | {case['device']} | {cname} | error | | | | 0 |")
+                why = "skipped: " + c["skipped"] if "skipped" in c else "error"
+                lines.append(f"| {name} | {case['shape']} | {case['device']} | {cname} | {why} | | | | 0 | |")
                 continue
             lines.append(f"| {name} | {case['shape']} | {case['device']} | {cname} | {c['median_s']:.3f} | "
                          f"{c['min_s']:.3f}–{c['max_s']:.3f} | {_fmt(c['peak_rss_mib'], '.0f')} | "
-                         f"{_fmt(c['peak_gpu_mib'], '.0f')} | {c['n']} |")
+                         f"{_fmt(c['peak_gpu_mib'], '.0f')} | {c['n']} | {_fmt(c.get('gbps'), '.2f')} |")
     lines += ["", "| case | ratio (of medians) | value | median of per-round ratios | goal | met |",
               "|---|---|---:|---:|---|---|"]
     for name, case in results["cases"].items():
@@ -567,11 +653,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     p.add_argument("--make", metavar="SHAPE", help=argparse.SUPPRESS)
-    p.add_argument("--shape", choices=OPT_SHAPES, help="run every case at this shape instead of its own")
+    p.add_argument("--contenders", help="comma-separated contender names: run only these (every case)")
+    p.add_argument("--shape", choices=sorted({*SHAPES, *_load.LLAMA_SHAPES}),
+                   help="run every case at this shape instead of its own")
     args = p.parse_args(argv)
 
     if args.make:
-        ck = make_checkpoints(args.make, args.workdir)
+        if args.make in _load.LLAMA_SHAPES:
+            ck = _load.make_llama_checkpoints(args.make, args.workdir)
+        else:
+            ck = make_checkpoints(args.make, args.workdir)
         print(RESULT_TAG + json.dumps({"root": str(ck.root)}))
         return 0
     if args.worker:
@@ -615,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in names:
         case = CASES[name]
+        if args.contenders:
+            keep = {c.strip() for c in args.contenders.split(",")}
+            case = Case(**{**case.__dict__, "contenders": tuple(c for c in case.contenders if c.name in keep)})
         log(f"== {name}: {case.title}")
         outcome = run_case(case, args, log)
         if outcome.skipped:

@@ -20,11 +20,11 @@ from .dsconfig import load_ds_config, zero_stage_of
 from .errors import BuilderInputError, UnknownHeadError
 from .explain import Explanation
 from .locking import serialized
-from .manager import Plugins
+from .manager import Plugins, settings_catalog
 from .ordering import Entry, resolve
 from .settings import Catalog, closest_first, default_of, freeze, thaw
 from .stage import Stage
-from .verify import VerifySettings, option_expectations
+from .verify import option_expectations
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -176,6 +176,18 @@ class ModelBuilder:
     def on_device(self, device: Any) -> ModelBuilder:
         """Load the weights straight onto ``device`` (``"cuda"``, ``"cuda:1"``, ``"cpu"``...)."""
         return self.configure("load", device=str(device))
+
+    def with_loader(self, loader: str, *, io: str | None = None) -> ModelBuilder:
+        """Read weights with ``loader``: ``"auto"`` (the default), ``"safetensors"`` or ``"instanttensor"``.
+
+        instanttensor (``pip install 'hfbuilder[fast]'``) reads safetensors onto CUDA devices with
+        pinned, pipelined copies; ``auto`` uses it when it is installed and the device is CUDA.
+        ``io`` is its reads' path: ``"buffered"``, ``"direct"`` or ``"auto"`` (see ``load.io``).
+        """
+        fields_: dict[str, Any] = {"loader": loader}
+        if io is not None:
+            fields_["io"] = io
+        return self.configure("load", **fields_)
 
     def with_head(self, name: str, **options: Any) -> ModelBuilder:
         """Wrap the built model in the head called ``name`` (e.g. ``"reward"``)."""
@@ -379,16 +391,4 @@ class ModelBuilder:
         return runner.build(plugins, order, self._context(plugins, order, settings))
 
 
-def settings_catalog(entries: list[Entry]) -> Catalog:
-    """Every registered stage's settings class (planned or not), and the checks after the build's."""
-    classes: dict[str, Any] = {}
-    providers: dict[str, str] = {}
-    for entry in entries:
-        classes[entry.name] = type(entry.stage).Settings
-        providers[entry.name] = entry.provider
-    classes.setdefault("verify", VerifySettings)
-    providers.setdefault("verify", "hfbuilder.verify")
-    return Catalog(classes, providers)
-
-
-__all__ = ["ModelBuilder", "settings_catalog"]
+__all__ = ["ModelBuilder"]

@@ -176,6 +176,10 @@ class BuildContext:
     #: stage (grown rows the checkpoint lacks); the materialize stage fills them as resize would
     #: (their mean with the resize stage's ``mean_resizing``, else the model's init std) and empties it.
     rows_to_fill: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: A read of the checkpoint's tensors onto the device (:class:`hfbuilder.loaders.Read`), started by the
+    #: load stage before it builds the architecture so that reading overlaps building; the checkpoint
+    #: stage takes its tensors (None: the checkpoint stage reads them itself).
+    weights_read: Any = None
     #: The checkpoint stage's key plan (:class:`hfbuilder.weights.LoadPlan`), for later stages and tools.
     load_plan: Any = None
     #: The reward checkpoint's layout (:class:`hfbuilder.layouts.Resolved`), decided once by the

@@ -22,7 +22,9 @@ import pluggy
 from . import hookspecs
 from .errors import HFBuilderError, PluginError
 from .ordering import Entry
+from .settings import Catalog
 from .stage import Head, Phase, Stage
+from .verify import VerifySettings
 
 #: Built-in plugins, registered first and in this order (it breaks ordering ties).
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -319,4 +321,16 @@ def _raised_by(exc: BaseException, impls: Iterable[Any], stage: Stage) -> Any:
     return owner
 
 
-__all__ = ["DEFAULT_PLUGINS", "DISABLE_AUTOLOAD_ENV", "ENTRY_POINT_GROUP", "PluginInfo", "Plugins"]
+def settings_catalog(entries: list[Entry]) -> Catalog:
+    """Every registered stage's settings class (planned or not), and the checks after the build's."""
+    classes: dict[str, Any] = {}
+    providers: dict[str, str] = {}
+    for entry in entries:
+        classes[entry.name] = type(entry.stage).Settings
+        providers[entry.name] = entry.provider
+    classes.setdefault("verify", VerifySettings)
+    providers.setdefault("verify", "hfbuilder.verify")
+    return Catalog(classes, providers)
+
+
+__all__ = ["DEFAULT_PLUGINS", "DISABLE_AUTOLOAD_ENV", "ENTRY_POINT_GROUP", "PluginInfo", "Plugins", "settings_catalog"]

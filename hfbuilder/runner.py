@@ -21,18 +21,22 @@ from .verify import carry_provenance, finish_build, parameter_ids
 
 def build(plugins: Plugins, order: list[Entry], ctx: BuildContext) -> tuple[Any, BuildReport]:
     """Check every stage, run them in order, verify the model; return it with the report."""
+    from .weights.binfile import shared_reads
+
     start = time.perf_counter()
     try:
+        ctx.enter_context(shared_reads())  # a .bin that checks and stages all open is unpickled once
         for entry in order:
             ctx.current_stage = entry.name
             _guard(entry, "check", entry.stage.check, ctx)
+        before = parameter_ids(ctx.model)
         for entry in order:
             ctx.current_stage = entry.name
             ctx.report.stages.append(StageRecord(entry.name, entry.provider))
-            before = parameter_ids(ctx.model)
             _guard(entry, "run", plugins.run_stage, entry.stage, ctx)
-            carry_provenance(ctx, before)
-            after_stage(plugins, entry, ctx)
+            before = carry_provenance(ctx, before)
+            if after_stage(plugins, entry, ctx) is not None:
+                before = parameter_ids(ctx.model)  # a hook acted: it may have replaced parameters
         ctx.current_stage = None
         if ctx.model is not None:
             finish_build(ctx)
@@ -47,10 +51,13 @@ def build(plugins: Plugins, order: list[Entry], ctx: BuildContext) -> tuple[Any,
 
 def explain(plugins: Plugins, order: list[Entry], ctx: BuildContext, world_size: int | None) -> Explanation:
     """The dry run: every check (failures collected, not raised), then every stage's ``explain``."""
+    from .weights.binfile import shared_reads
+
     ctx.dry_run = True
     failed: dict[str, HFBuilderError] = {}
     stages: list[StageExplanation] = []
     try:
+        ctx.enter_context(shared_reads())
         for entry in order:
             ctx.current_stage = entry.name
             try:

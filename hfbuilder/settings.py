@@ -19,6 +19,7 @@ import math
 import numbers
 import types
 import typing
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -81,7 +82,7 @@ class Settings:
     """
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             try:
                 value = _check(hints[f.name], getattr(self, f.name), f, type(self))
@@ -89,6 +90,17 @@ class Settings:
                 doc = f.metadata.get("doc")
                 raise BuilderInputError(f"{exc} ({f.name}: {doc})" if doc else str(exc)) from None
             object.__setattr__(self, f.name, value)
+
+
+_HINTS: weakref.WeakKeyDictionary[type, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a settings class, resolved once: a builder makes one instance per stage per change."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 @dataclass(frozen=True)

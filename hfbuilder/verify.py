@@ -87,19 +87,26 @@ def parameter_ids(model: Any) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def carry_provenance(ctx: BuildContext, before: dict[int, str]) -> None:
-    """Give a parameter that a stage renamed (same tensor, new name) its old provenance entry."""
-    if not before or ctx.model is None or not hasattr(ctx.model, "named_parameters"):
-        return
+def carry_provenance(ctx: BuildContext, before: dict[int, str]) -> dict[int, str]:
+    """Give a parameter that a stage renamed (same tensor, new name) its old provenance entry.
+
+    Returns :func:`parameter_ids` of the model as the stage left it, from the same walk over
+    its parameters, for the next stage: one walk per stage, not two.
+    """
+    if ctx.model is None or not hasattr(ctx.model, "named_parameters"):
+        return {}
     prov = ctx.report.provenance
+    after: dict[int, str] = {}
     for name, p in ctx.model.named_parameters():
-        if name not in prov:
+        after[id(p)] = name
+        if before and name not in prov:
             old = before.get(id(p))
             if old is not None and old in prov:
                 prov[name] = prov[old]
+    return after
 
 
-def complete_provenance(ctx: BuildContext) -> None:
+def complete_provenance(ctx: BuildContext, params: list[tuple[str, Any]] | None = None) -> None:
     """One entry per parameter of the final model, and none for parameters it no longer has.
 
     A parameter no stage recorded was made by a module's own init (for example by a
@@ -110,7 +117,7 @@ def complete_provenance(ctx: BuildContext) -> None:
         return
     prov = ctx.report.provenance
     final: dict[str, str] = {}
-    for name, p in model.named_parameters():
+    for name, p in params if params is not None else model.named_parameters():
         final[name] = prov.get(name) or (PROVENANCE_UNINITIALIZED if p.is_meta else PROVENANCE_INITIALIZED)
     ctx.report.provenance = final
 
@@ -132,6 +139,30 @@ def _finite(t: Any) -> bool:
     if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
+
+
+def _nonfinite(named: list[tuple[str, Any]]) -> list[str]:
+    """The names whose tensor holds NaN or inf, in order.
+
+    On an accelerator every sum is queued first and read back once: one host sync for the
+    model, where a check per tensor waits for each (hundreds of round trips for an LLM).
+    """
+    import torch
+
+    queued: list[tuple[str, Any, Any]] = []
+    bad: set[str] = set()
+    for name, t in named:
+        if t.is_meta or t.numel() == 0 or not t.is_floating_point() or t.device.type == "cpu":
+            if not _finite(t):
+                bad.add(name)
+            continue
+        t = t.detach()
+        queued.append((name, t, t.sum().float()))
+    if queued:
+        flags = torch.isfinite(torch.stack([s.to(queued[0][2].device) for _, _, s in queued])).tolist()
+        bad.update(name for (name, t, _), ok in zip(queued, flags, strict=True)
+                   if not ok and not bool(torch.isfinite(t).all()))  # an overflowing sum is not NaN: confirm
+    return [name for name, _ in named if name in bad]
 
 
 FINITE_SCOPES = ("auto", "written", "all")
@@ -203,18 +234,17 @@ def _untied(model: Any) -> list[str]:
     return problems
 
 
-def check_invariants(ctx: BuildContext) -> list[InvariantResult]:
+def check_invariants(ctx: BuildContext, params: list[tuple[str, Any]] | None = None) -> list[InvariantResult]:
     import torch
 
     model = ctx.model
-    params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
+    if params is None:
+        params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
     prov = ctx.report.provenance
 
     scope = ctx.settings("verify").check_finite
     with torch.no_grad():
-        nonfinite = [
-            name for name, p in params if _in_scope(scope, prov.get(name, ""), _local(p)) and not _finite(_local(p))
-        ]
+        nonfinite = _nonfinite([(name, _local(p)) for name, p in params if _in_scope(scope, prov.get(name, ""), _local(p))])
     finite = _result("finite", [f"{name} holds NaN or inf" for name in nonfinite])
 
     meta = [
@@ -242,11 +272,13 @@ def finish_build(ctx: BuildContext) -> None:
     """Complete the provenance map, then check the invariants as the ``invariants`` option says."""
     start = time.perf_counter()
     try:
-        complete_provenance(ctx)
+        # One walk over the parameters for both.
+        params = list(ctx.model.named_parameters()) if hasattr(ctx.model, "named_parameters") else []
+        complete_provenance(ctx, params)
         mode = ctx.settings("verify").invariants
         if mode == "off" or ctx.model is None:
             return
-        ctx.report.invariants = check_invariants(ctx)
+        ctx.report.invariants = check_invariants(ctx, params)
     finally:
         ctx.report.verify_seconds = time.perf_counter() - start
     failed = ctx.report.failed_invariants()

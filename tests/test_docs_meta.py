@@ -104,7 +104,7 @@ def test_every_page_is_in_the_site_navigation():
 
 def test_the_settings_reference_is_generated_from_the_settings_classes():
     """docs/settings.md's table is what ``hfbuilder settings --markdown`` prints for the built-ins."""
-    from hfbuilder.builder import settings_catalog
+    from hfbuilder.manager import settings_catalog
     from hfbuilder.settings import reference_markdown
 
     text = _text("settings.md")
@@ -116,7 +116,7 @@ def test_the_settings_reference_is_generated_from_the_settings_classes():
 def test_every_setting_has_a_doc():
     import dataclasses
 
-    from hfbuilder.builder import settings_catalog
+    from hfbuilder.manager import settings_catalog
 
     catalog = settings_catalog(Plugins(autoload=False).stage_entries())
     undocumented = [

@@ -43,8 +43,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
-    from ..builder import settings_catalog
-    from ..manager import Plugins
+    from ..manager import Plugins, settings_catalog
     from ..settings import fields_of, reference_markdown
 
     plugins = Plugins([import_plugin(spec) for spec in args.plugin])

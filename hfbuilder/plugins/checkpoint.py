@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..context import PROVENANCE_CHECKPOINT, PROVENANCE_RESIZED, BuildContext
 from ..errors import CheckpointError
 from ..hookspecs import hookimpl
+from ..loaders import LoaderChoice, ReadFailed, device_source
 from ..settings import Settings, setting
 from ..stage import Stage
 from ..weights import (
@@ -89,11 +91,18 @@ class CheckpointStage(Stage):
 
     def run(self, ctx: BuildContext) -> None:
         settings = ctx.settings(self.name)
+        load = ctx.settings("load")
+        device = None if load.device in (None, "meta") else load.device
+        start = time.perf_counter()
         reader: Any = open_checkpoint(settings.path)
+        ctx.call_on_exit(reader.close)
+        how, loaded = LoaderChoice("zero3 partitions", "each rank reads its own rows"), None
+        if not ctx.zero3:
+            reader, how, loaded = self._source(ctx, reader, device)
         layout = ctx.reward_layout  # a reward model's checkpoint, in any framework's layout
         if layout is not None:
             reader = layout.open(reader)  # seen under the RewardModel's names
-        ctx.call_on_exit(reader.close)
+            ctx.call_on_exit(reader.close)
         resized = {id(w): (old, new) for w, old, new in ctx.resized_rows}
         plan = match_keys(ctx.model, reader, resized)
         for warning in check_plan(plan, strict=settings.strict, source=reader.file, model_name=type(ctx.model).__name__):
@@ -107,18 +116,37 @@ class CheckpointStage(Stage):
             ctx.report.provenance.update(filled.provenance)
             ctx.note(filled.describe())
         else:
-            device = ctx.settings("load").device
             assigned = assign_from_checkpoint(
-                ctx.model, plan, reader, device=None if device in (None, "meta") else device,
-                keep_dtype=ctx.dtype == "auto", mmap=settings.mmap, source=reader.file)
+                ctx.model, plan, reader, device=device, keep_dtype=ctx.dtype == "auto", mmap=settings.mmap,
+                source=reader.file)
             ctx.rows_to_fill.update(plan.partial_rows)
             ctx.note(f"assigned {assigned.tensors} tensors ({assigned.bytes / 2**20:.1f} MiB) from {reader.file} "
                      f"({reader.format})")
+            ctx.fact("loader", how.name)
+            nbytes, seconds = (loaded.bytes, loaded.seconds) if loaded else (assigned.bytes, time.perf_counter() - start)
+            if device not in (None, "cpu") and seconds > 0:  # on the CPU tensors are mapped, not copied
+                ctx.fact("load_bytes", nbytes)
+                ctx.fact("load_gbps", round(nbytes / seconds / 1e9, 2))
+                ctx.note(f"read {nbytes / 1e9:.2f} GB onto {device} in {seconds:.3f} s "
+                         f"({nbytes / seconds / 1e9:.1f} GB/s) with {how.name} ({how.why})")
         self._record(ctx, plan)
         if layout is not None:
             ctx.model.reward_normalization = layout.extras.normalization
             if layout.key_map.unused:
                 ctx.note(f"not loaded, the value model does not use them: {listing(layout.key_map.unused)}")
+
+    def _source(self, ctx: BuildContext, reader: Any, device: Any) -> tuple[Any, LoaderChoice, Any]:
+        """The reader assignment takes tensors from: instanttensor's read onto the device (the one the
+        load stage started before building the architecture, else a new one), or ``reader`` itself."""
+        load = ctx.settings("load")
+        started, ctx.weights_read = ctx.weights_read, None
+        try:
+            return device_source(reader, device, load.loader, load.io, started)
+        except ReadFailed as exc:
+            if load.loader != "auto":
+                raise
+            ctx.warn(f"{exc}; read with safetensors instead")
+            return reader, LoaderChoice("safetensors", "instanttensor's read failed"), None
 
     def _record(self, ctx: BuildContext, plan: LoadPlan) -> None:
         group_of = {n: names for names in plan.tied for n in names}

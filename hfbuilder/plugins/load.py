@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..context import PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
-from ..errors import BuilderInputError
+from ..context import PROVENANCE_INITIALIZED, PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
+from ..errors import BuilderInputError, CheckpointError
 from ..hookspecs import hookimpl
+from ..loaders import LoaderChoice, Read, ReadFailed, check_loader, choose_io, choose_loader
+from ..pretrained import build_on_meta, directory_blocker, pretrained_by_assignment
 from ..remote_code import remote_code_kwargs
 from ..settings import Settings, setting
 from ..stage import Stage
@@ -18,8 +21,10 @@ from ..weights import (
     CheckpointSummary,
     FileInfo,
     check_pretrained,
+    find_checkpoint,
     format_conflict,
     map_keys,
+    open_checkpoint,
     summarize,
 )
 
@@ -37,6 +42,14 @@ class LoadSettings(Settings):
     partition_loader: bool = setting(True, option="zero3_partition_loader",
                                      doc="under ZeRO-3 each rank reads only its rows of a safetensors checkpoint; "
                                          "False: transformers' from_pretrained")
+    loader: Literal["auto", "safetensors", "instanttensor"] = setting(
+        "auto", option="loader", doc="how safetensors weights reach a CUDA device: instanttensor (pip install "
+        "'hfbuilder[fast]') reads with pinned, pipelined copies; safetensors memory-maps and copies tensor by tensor; "
+        "auto: instanttensor when installed and the device is CUDA. Not used under ZeRO-3")
+    io: Literal["auto", "buffered", "direct"] = setting(
+        "auto", option="loader_io", doc="instanttensor's reads: buffered (through the page cache: fast when the files "
+        "are cached, and they stay cached for the next model), direct (O_DIRECT: fastest from a cold disk); auto: "
+        "buffered when the files are in the page cache, else direct")
 
     def __post_init__(self) -> None:
         if self.dtype is not None and not isinstance(self.dtype, str):
@@ -61,6 +74,11 @@ class LoadStage(Stage):
     """``from_pretrained`` (straight onto the ``device`` setting when set), or, with deferred
     weights, the architecture alone: on the meta device without ZeRO-3, so no time is
     spent initializing weights that a checkpoint will overwrite.
+
+    With the instanttensor loader (``loader`` setting) a plain build reads every tensor onto the
+    GPU while the architecture is built on the meta device, then assigns them
+    (:mod:`hfbuilder.pretrained`); a deferred build with a checkpoint starts the checkpoint's read
+    here, for the checkpoint stage.
     """
 
     name = "load"
@@ -68,12 +86,18 @@ class LoadStage(Stage):
     Settings = LoadSettings
 
     def check(self, ctx: BuildContext) -> None:
+        settings = ctx.settings(self.name)
+        if not ctx.zero3:
+            check_loader(settings.loader, settings.device)
         # from_pretrained of a local directory: refuse bad files from their headers now, with
         # the file and key named, rather than from inside transformers once loading is under way.
         path = ctx.model_name_or_path
-        if ctx.settings(self.name).deferred or not os.path.isdir(path):
+        if settings.deferred or not os.path.isdir(path):
             return
-        check_pretrained(path, _meta_architecture(ctx))
+        # The instanttensor path builds the architecture anyway and checks it there, while its read
+        # runs; building a second one here would cost a meta build before the read starts.
+        fast = not ctx.zero3 and self._choice(ctx, settings).name == "instanttensor"
+        check_pretrained(path, None if fast else _meta_architecture(ctx))
         conflict = format_conflict(path)
         if conflict:
             ctx.warn(conflict)
@@ -86,13 +110,8 @@ class LoadStage(Stage):
         ctx.dtype = build_dtype(ctx)
         dtype = _explain_dtype(ctx, weights)
         # The architecture on the meta device: exact parameter count and names, at no memory
-        # cost. Later stages' explain() see it as ctx.model. (torch.device("meta"), not
-        # accelerate's init_empty_weights, which re-registers parameters and unties lm_head.)
-        import torch
-
-        with torch.device("meta"):
-            model = ctx.model_class.from_config(copy.deepcopy(ctx.config), dtype=torch_dtype(dtype),
-                                                **_remote_code(ctx))
+        # cost. Later stages' explain() see it as ctx.model.
+        model = build_on_meta(ctx.model_class, copy.deepcopy(ctx.config), torch_dtype(dtype), **_remote_code(ctx))
         ctx.model = model
         n = sum(p.numel() for p in model.parameters())
         device = "meta" if deferred and not ctx.zero3 else settings.device or "cpu"
@@ -104,8 +123,15 @@ class LoadStage(Stage):
         if deferred:
             return [f"{cls}.from_config: {type(model).__name__}, {n:,} parameters, dtype {dtype}, {where}; "
                     "weights deferred (none read)"]
-        lines = [f"{cls}.from_pretrained({ctx.model_name_or_path!r}): {type(model).__name__}, {n:,} parameters, "
-                 f"dtype {dtype}, {where}"]
+        choice = None if ctx.zero3 else self._choice(ctx, settings)
+        if choice is not None:
+            ctx.fact("loader", choice.name)
+        if choice is not None and choice.name == "instanttensor":
+            lines = [f"read every tensor of {ctx.model_name_or_path!r} onto {device} with instanttensor while "
+                     f"{type(model).__name__} ({n:,} parameters, dtype {dtype}) is built on the meta device; assign them"]
+        else:
+            lines = [f"{cls}.from_pretrained({ctx.model_name_or_path!r}): {type(model).__name__}, {n:,} parameters, "
+                     f"dtype {dtype}, {where}" + (f" ({choice.name}: {choice.why})" if choice else "")]
         if weights is None:
             lines.append("not a local directory: transformers resolves the files through the Hugging Face cache")
             return lines
@@ -141,32 +167,52 @@ class LoadStage(Stage):
                     ctx.note(f"checkpoint keys the model does not use (from_pretrained ignores them too): {listed(loaded.unused)}")
                 ctx.note(f"{type(model).__name__} built partitioned, no weight init; filled from {ctx.model_name_or_path}")
                 return
+        choice = None if ctx.zero3 else self._choice(ctx, settings)
+        if choice is not None and choice.name == "instanttensor":
+            model = assign_pretrained(ctx, config, settings)
+            if model is not None:
+                ctx.model = model
+                _facts(ctx, model)
+                return
         device = settings.device
         if device and not ctx.zero3:
             kwargs["device_map"] = device
+        start = time.perf_counter()
         model, info = ctx.model_class.from_pretrained(
             ctx.model_name_or_path, config=config, output_loading_info=True, **kwargs, **_remote_code(ctx)
         )
+        seconds = time.perf_counter() - start
         ctx.model = model
         missing = sorted(info.get("missing_keys") or [])
         mismatched = info.get("mismatched_keys") or []
-        for name, _ in model.named_parameters():
-            ctx.report.provenance[name] = PROVENANCE_PRETRAINED
+        params = list(model.named_parameters())  # one walk for the provenance and the facts
+        ctx.report.provenance.update(dict.fromkeys((name for name, _ in params), PROVENANCE_PRETRAINED))
         ctx.fact("missing_weights", missing)
         if missing or mismatched:
-            from ..context import PROVENANCE_INITIALIZED
-
             for name in missing:
                 ctx.report.provenance[name] = PROVENANCE_INITIALIZED
             ctx.warn(
                 f"{ctx.model_name_or_path} lacks weights for {missing + [m[0] for m in mismatched]}; "
                 "transformers initialized them randomly"
             )
-        _facts(ctx, model)
-        ctx.note(
-            f"{type(model).__name__}.from_pretrained: {sum(p.numel() for p in model.parameters()):,} "
-            f"parameters, dtype {next(model.parameters()).dtype}, device {next(model.parameters()).device}"
-        )
+        n, first = _facts(ctx, model, params), params[0][1]
+        ctx.note(f"{type(model).__name__}.from_pretrained: {n:,} parameters, dtype {first.dtype}, device {first.device}")
+        if choice is not None:
+            ctx.fact("loader", "safetensors")
+            _copied(ctx, device, lambda: _weights_bytes(ctx.model_name_or_path), seconds, f"safetensors ({choice.why})")
+
+    def _choice(self, ctx: BuildContext, settings: LoadSettings) -> LoaderChoice:
+        """The backend a plain build reads with; instanttensor only where assignment can stand in for from_pretrained."""
+        choice = choose_loader(settings.loader, settings.device)
+        if choice.name != "instanttensor":
+            return choice
+        path = ctx.model_name_or_path
+        try:
+            fmt = find_checkpoint(path)[0] if os.path.isdir(path) else None
+        except CheckpointError:
+            fmt = None
+        why = directory_blocker(path, fmt)
+        return LoaderChoice("safetensors", f"instanttensor not used: {why}") if why else choice
 
     def _architecture(self, ctx: BuildContext, config: Any, kwargs: dict[str, Any]) -> Any:
         checkpoint = ctx.settings("checkpoint")
@@ -184,19 +230,84 @@ class LoadStage(Stage):
             model = ctx.model_class.from_config(config, **kwargs, **_remote_code(ctx))
             ctx.note(f"{type(model).__name__}.from_config under zero.Init (weights deferred)")
         else:
-            from accelerate import init_empty_weights
-
-            # Parameters on the meta device, buffers (rotary inv_freq...) real: no init work.
-            with init_empty_weights(include_buffers=False):
-                model = ctx.model_class.from_config(config, **kwargs, **_remote_code(ctx))
-            # init_empty_weights re-creates every registered parameter, which unties
-            # the tied ones (lm_head from embed_tokens); tie them again, still on meta.
-            model.tie_weights()
+            _start_checkpoint_read(ctx)  # before building, so that the read overlaps it
+            # Parameters and buffers on the meta device, no init work: the checkpoint stage
+            # assigns what it holds and materialize initializes the rest, buffers included.
+            model = build_on_meta(ctx.model_class, config, kwargs.get("dtype"), **_remote_code(ctx))
             ctx.note(f"{type(model).__name__}.from_config on the meta device: no weight init spent")
         for name, _ in model.named_parameters():
             ctx.report.provenance[name] = PROVENANCE_UNINITIALIZED
         _facts(ctx, model)
         return model
+
+
+def assign_pretrained(ctx: BuildContext, config: Any, settings: LoadSettings) -> Any:
+    """The pretrained model by assignment of tensors instanttensor reads onto the device, or None
+    (with a note saying why) where from_pretrained must do it."""
+    path, device = ctx.model_name_or_path, settings.device
+    try:
+        done = pretrained_by_assignment(ctx.model_class, config, path, device=device, dtype=ctx.dtype, io=settings.io,
+                                        **_remote_code(ctx))
+    except ReadFailed as exc:
+        if settings.loader != "auto":
+            raise
+        ctx.warn(f"{exc}; from_pretrained reads it instead")
+        return None
+    if isinstance(done, str):
+        ctx.note(f"instanttensor not used: {done}; from_pretrained reads it")
+        return None
+    for name in done.loaded:
+        ctx.report.provenance[name] = PROVENANCE_PRETRAINED
+    for name in done.missing:
+        ctx.report.provenance[name] = PROVENANCE_INITIALIZED
+    ctx.fact("missing_weights", done.missing)
+    if done.missing:
+        ctx.warn(f"{path} lacks weights for {done.missing}; they were initialized with the model's _init_weights")
+    if done.unexpected:
+        ctx.note(f"{len(done.unexpected)} checkpoint tensor(s) the model does not use: {done.unexpected[:5]}")
+    ctx.fact("loader", "instanttensor")
+    ctx.fact("load_phases", done.phases)
+    _copied(ctx, device, lambda: done.bytes, done.read_seconds, f"instanttensor, {done.io} I/O ({done.backend}; {done.io_why})")
+    ctx.note(f"{type(done.model).__name__} built on the meta device and assigned {len(done.loaded)} tensors; "
+             f"initialized by _init_weights: {len(done.initialized)} (non-persistent buffers, missing weights)")
+    return done.model
+
+
+def _start_checkpoint_read(ctx: BuildContext) -> None:
+    """Start reading the checkpoint onto the device now, when the checkpoint stage will read it with instanttensor."""
+    settings, path = ctx.settings("load"), ctx.settings("checkpoint").path
+    if path is None or choose_loader(settings.loader, settings.device).name != "instanttensor":
+        return
+    reader = open_checkpoint(path)
+    ctx.call_on_exit(reader.close)
+    if reader.format != "safetensors":
+        return
+    io, why = choose_io(settings.io, reader.files)
+    ctx.weights_read = Read("instanttensor", reader.files, settings.device, io, why=why)
+    ctx.call_on_exit(ctx.weights_read.close)
+
+
+def _weights_bytes(path: str) -> int | None:
+    if not os.path.isdir(path):
+        return None
+    try:
+        with open_checkpoint(path) as reader:
+            return sum(os.path.getsize(f) for f in reader.files)
+    except (CheckpointError, OSError):
+        return None
+
+
+def _copied(ctx: BuildContext, device: Any, size: Any, seconds: float, how: str) -> None:
+    """The bytes a stage put on the device (``size()``) and how fast; a CPU build maps files, it copies nothing."""
+    if device in (None, "cpu", "meta") or seconds <= 0:
+        return
+    nbytes = size()
+    if not nbytes:
+        return
+    gbps = nbytes / seconds / 1e9
+    ctx.fact("load_bytes", nbytes)
+    ctx.fact("load_gbps", round(gbps, 2))
+    ctx.note(f"read {nbytes / 1e9:.2f} GB onto {device} in {seconds:.3f} s ({gbps:.1f} GB/s) with {how}")
 
 
 def build_dtype(ctx: BuildContext) -> str | None:
@@ -219,28 +330,30 @@ def _meta_architecture(ctx: BuildContext) -> Any:
     stage (or this one's run) reports it, so the header checks go ahead without the model.
     """
     try:
-        import torch
         from transformers import AutoConfig
 
         settings = ctx.settings("config")
         config = settings.config or AutoConfig.from_pretrained(
             ctx.model_name_or_path, **settings.kwargs, trust_remote_code=settings.trust_remote_code)
-        with torch.device("meta"):
-            return ctx.model_class.from_config(copy.deepcopy(config), **_remote_code(ctx))
+        return build_on_meta(ctx.model_class, copy.deepcopy(config), **_remote_code(ctx))
     except Exception:  # noqa: BLE001 - reported by the stage that owns it
         return None
+
+
 def _remote_code(ctx: BuildContext) -> dict[str, Any]:
     """An explicit ``trust_remote_code`` for the model class: left unset, transformers prompts on stdin."""
     return remote_code_kwargs(ctx.model_class, ctx.settings("config").trust_remote_code)
 
 
-def _facts(ctx: BuildContext, model: Any) -> None:
-    """The facts explain() predicts, from the model the stage made."""
-    first = next(model.parameters())
-    ctx.fact("parameters", sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()))
-    ctx.fact("dtype", str(first.dtype).removeprefix("torch."))
+def _facts(ctx: BuildContext, model: Any, params: list[tuple[str, Any]] | None = None) -> int:
+    """The facts explain() predicts, from the model the stage made; returns its parameter count."""
+    tensors = [p for _, p in params] if params is not None else list(model.parameters())
+    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in tensors)
+    ctx.fact("parameters", n)
+    ctx.fact("dtype", str(tensors[0].dtype).removeprefix("torch."))
     if not ctx.zero3:
-        ctx.fact("device", str(first.device))
+        ctx.fact("device", str(tensors[0].device))
+    return n
 
 
 def _local_weights(ctx: BuildContext) -> CheckpointSummary | None:

@@ -74,9 +74,17 @@ def materialize(model: Any, device: Any) -> list[str]:
         if id(t) not in new_ids and not getattr(t, "_is_hf_initialized", False):
             t._is_hf_initialized = True
             flagged.append(t)
+    visit = {""}
     for name in touched_modules:
         for ancestor in [*_ancestors(name), name] if name else [""]:
             model.get_submodule(ancestor)._is_hf_initialized = False
+            visit.add(ancestor)
+    # Every other module holds only loaded tensors: marked done now, as transformers marks each module it
+    # visits, so that its _init_weights is not called for nothing (most of the time, for an LLM's
+    # few non-persistent buffers).
+    for name, module in model.named_modules():
+        if name not in visit:
+            module._is_hf_initialized = True
     try:
         pretrained = _outermost_pretrained(model)
         for _, pm in pretrained:
@@ -157,7 +165,13 @@ class MaterializeStage(Stage):
             return
         device = ctx.settings("load").device
         device = "cpu" if device in (None, "meta") else device
-        names = materialize(ctx.model, device)
+        persistent = set(ctx.model.state_dict(keep_vars=True))
+        made = materialize(ctx.model, device)
+        # Non-persistent buffers (rotary inv_freq...) are never in a checkpoint: the model computes them.
+        buffers = [n for n in made if n not in persistent]
+        names = [n for n in made if n in persistent]
+        if buffers:
+            ctx.note(f"computed {len(buffers)} non-persistent buffer(s) with the model's _init_weights: {', '.join(buffers)}")
         if device != "cpu":
             ctx.model.to(device)  # buffers were built on the CPU (init_empty_weights(include_buffers=False))
         pending, ctx.rows_to_fill = ctx.rows_to_fill, {}

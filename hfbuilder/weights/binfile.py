@@ -8,8 +8,12 @@ means reading all of it, so it is refused with a way out instead.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
 import re
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import CheckpointError
@@ -27,13 +31,46 @@ def refused_global(message: str) -> str:
     return "an object that is not a tensor"
 
 
+_SHARED: contextvars.ContextVar[dict[tuple[Any, ...], dict[str, Any]] | None] = contextvars.ContextVar(
+    "hfbuilder_shared_bin_reads", default=None)
+
+
+@contextlib.contextmanager
+def shared_reads() -> Iterator[None]:
+    """Within the block, a ``.bin`` file is unpickled once, whoever opens it.
+
+    One build opens a checkpoint several times (a stage's check, layout detection, the load
+    itself), and unpickling a pickle of hundreds of tensors costs tens of milliseconds each
+    time. The tensors are shared only inside the block: a later build gets its own, so two
+    models never share a parameter's storage.
+    """
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def load_bin(file: str) -> dict[str, Any]:
     """A zip ``.bin`` state dict through ``torch.load(weights_only=True, mmap=True)``.
 
     Anything but tensors and plain containers is refused by torch's restricted unpickler
     before it runs; the error names the global it refused. torch's own message suggests
-    ``weights_only=False``, which would run the payload: it is not passed on.
+    ``weights_only=False``, which would run the payload: it is not passed on. Inside
+    :func:`shared_reads`, a file already read (same path, size and modification time) is not
+    read again.
     """
+    shared = _SHARED.get()
+    if shared is None:
+        return _load_bin(file)
+    st = os.stat(file)
+    key = (os.path.realpath(file), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in shared:
+        shared[key] = _load_bin(file)
+    return dict(shared[key])  # callers may change their dict, not the shared one
+
+
+def _load_bin(file: str) -> dict[str, Any]:
     import pickle
 
     import torch
@@ -66,4 +103,4 @@ def load_bin(file: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["load_bin", "refused_global"]
+__all__ = ["load_bin", "refused_global", "shared_reads"]

@@ -88,12 +88,13 @@ def match_keys(model: Any, reader: Reader, grown: Mapping[int, tuple[int, int]] 
     grown = grown or {}
     plan = LoadPlan()
     keys = list(reader.keys())
-    keymap = map_keys(model, keys, prefixes=prefixes)
+    groups = tensor_groups(model)
+    keymap = map_keys(model, keys, prefixes=prefixes, groups=groups)
     where = keymap.sources()  # model name -> checkpoint key
     plan.renamed = {n: k for n, k in where.items() if n != k}
     plan.converted = list(keymap.converted)
     ignore_missing, ignore_unexpected = _ignore_patterns(model)
-    for group in tensor_groups(model):
+    for group in groups:
         names = list(group.names)
         if len(names) > 1:
             plan.tied.append(names)

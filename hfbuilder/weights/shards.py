@@ -87,8 +87,12 @@ def shard_map(file: str) -> dict[str, list[str] | None]:
     if not file.endswith(".index.json"):
         return {file: None}
     shards: dict[str, list[str]] = {}
+    resolved: dict[str, str] = {}  # a few shards serve thousands of keys: resolve each name once
     for key, name in read_index(file).items():
-        shards.setdefault(resolve_shard(file, key, name), []).append(key)
+        path = resolved.get(name)
+        if path is None:
+            path = resolved[name] = resolve_shard(file, key, name)
+        shards.setdefault(path, []).append(key)
     for shard, keys in shards.items():
         if not os.path.isfile(shard):
             raise CheckpointError(
