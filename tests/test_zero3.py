@@ -206,6 +206,7 @@ def test_rank0_reads_for_every_rank_when_asked(world2):
         _assert_partitioned(b)
         assert b["digests"] == a["digests"], f"rank {rank}"
         assert any("read on rank 0 and scattered" in note for note in b["notes"])
+        assert any("GB into this rank in" in note for note in b["notes"])  # the report's throughput
     assert scattered[0]["reads"] > 0 and scattered[1]["reads"] == 0, scattered[1]["read_keys"]  # rank 1 reads no data
 
 

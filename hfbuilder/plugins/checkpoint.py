@@ -115,6 +115,8 @@ class CheckpointStage(Stage):
                                                      read=ctx.settings("zero").read)
             ctx.report.provenance.update(filled.provenance)
             ctx.note(filled.describe())
+            for key, value in filled.facts().items():
+                ctx.fact(key, value)
         else:
             assigned = assign_from_checkpoint(
                 ctx.model, plan, reader, device=device, keep_dtype=ctx.dtype == "auto", mmap=settings.mmap,

@@ -163,9 +163,10 @@ class LoadStage(Stage):
                 ctx.model = model = loaded.model
                 ctx.report.provenance.update(loaded.fill.provenance)
                 ctx.note(loaded.fill.describe())
-                if loaded.unused:
-                    ctx.note(f"checkpoint keys the model does not use (from_pretrained ignores them too): {listed(loaded.unused)}")
-                ctx.note(f"{type(model).__name__} built partitioned, no weight init; filled from {ctx.model_name_or_path}")
+                for key, value in loaded.fill.facts().items():
+                    ctx.fact(key, value)
+                unused = f"; keys it does not use (as from_pretrained): {listed(loaded.unused)}" if loaded.unused else ""
+                ctx.note(f"{type(model).__name__} built partitioned, no init; filled from {ctx.model_name_or_path}{unused}")
                 return
         choice = None if ctx.zero3 else self._choice(ctx, settings)
         if choice is not None and choice.name == "instanttensor":
@@ -313,8 +314,7 @@ def _copied(ctx: BuildContext, device: Any, size: Any, seconds: float, how: str)
 def build_dtype(ctx: BuildContext) -> str | None:
     """The dtype the build makes the weights in: the DeepSpeed config's under ZeRO-3, else the setting.
 
-    Under ZeRO-3 every partition must share the config's dtype (the zero stage's check refuses a
-    setting that contradicts it); "auto" would let from_pretrained pick the checkpoint's.
+    Under ZeRO-3 every partition must share the config's dtype ("auto" would take the checkpoint's).
     """
     if ctx.zero3:
         from ..zero3 import ds_dtype_name

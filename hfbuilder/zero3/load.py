@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +38,17 @@ class PartitionFill:
     gathered: int
     #: partitions rank 0 read and scattered (``read="rank0"``).
     scattered: int = 0
+    #: bytes this rank's partitions (and whole buffers) received, and the seconds the filling took.
+    bytes: int = 0
+    seconds: float = 0.0
     #: parameter name -> provenance label, for every name of every parameter filled.
     provenance: dict[str, str] = field(default_factory=dict)
     source: str = ""
+
+    def facts(self) -> dict[str, Any]:
+        """The report's throughput facts: this rank's bytes, and GB/s while it filled them."""
+        rate = {"load_gbps": round(self.bytes / self.seconds / 1e9, 3)} if self.seconds > 0 else {}
+        return {"load_bytes": self.bytes, **rate}
 
     def describe(self) -> str:
         how = f"{self.direct} partitions filled from their own rows"
@@ -47,7 +56,8 @@ class PartitionFill:
             how = f"{self.scattered} tensors read on rank 0 and scattered to the ranks"
         if self.gathered:
             how += f", {self.gathered} gathered and filled from rank 0"
-        return f"loaded {self.tensors} tensors from {self.source} into ZeRO-3 partitions: {how}"
+        rate = f"; {self.bytes / 1e9:.3f} GB into this rank in {self.seconds:.3f} s" if self.seconds > 0 else ""
+        return f"loaded {self.tensors} tensors from {self.source} into ZeRO-3 partitions: {how}{rate}"
 
 
 def _as_reader(reader: Any) -> tuple[Reader, bool]:
@@ -115,7 +125,8 @@ def load_checkpoint_into_partitions(
             raise CheckpointError(f"the load plan names tensors {type(model).__name__} does not have: {listed(unknown)}")
         wanted = {id(group_of[name].tensor): key for name, key in plan.sources.items()}
         rows_of = {id(group_of[name].tensor): rows for name, (rows, _) in plan.partial_rows.items()}
-        direct = gathered = scattered = 0
+        direct = gathered = scattered = filled_bytes = 0
+        start = time.perf_counter()
         provenance: dict[str, str] = {}
         data = reader if not one_reader or dist.get_rank() == 0 else None
         with torch.no_grad():
@@ -137,9 +148,12 @@ def load_checkpoint_into_partitions(
                     direct += 1
                 else:
                     gathered += 1
+                local = tensor.ds_tensor if is_partitioned(tensor) and tensor.ds_tensor is not None else tensor
+                filled_bytes += local.numel() * local.element_size()
                 if group.is_parameter:
                     provenance.update(dict.fromkeys(group.names, label))
-        return PartitionFill(len(wanted), direct, gathered, scattered=scattered, provenance=provenance, source=source)
+        return PartitionFill(len(wanted), direct, gathered, scattered=scattered, provenance=provenance, source=source,
+                             bytes=filled_bytes, seconds=time.perf_counter() - start)
     finally:
         if opened and isinstance(reader, CheckpointReader):
             reader.close()
