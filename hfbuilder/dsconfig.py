@@ -14,14 +14,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import BuilderInputError
-from .settings import freeze
+from .settings import freeze, thaw
 
 
 def load_ds_config(ds_config: Any) -> Mapping[str, Any]:
     """A DeepSpeed config, deep-frozen: from a mapping or the path of a JSON file, checked."""
     if isinstance(ds_config, Mapping):
         try:
-            data = json.loads(json.dumps(dict(ds_config), allow_nan=False))  # plain data, no NaN
+            # thaw: another builder's frozen config is a mapping of mapping proxies
+            data = json.loads(json.dumps(thaw(ds_config), allow_nan=False))  # plain data, no NaN
         except (TypeError, ValueError) as exc:
             raise BuilderInputError(f"a DeepSpeed config must be plain JSON data: {exc}") from None
     elif isinstance(ds_config, (str, os.PathLike)):

@@ -17,15 +17,6 @@ from .errors import BuilderInputError
 OPTION = "trust_remote_code"
 
 
-def trusted(value: Any) -> bool:
-    """The user's answer: True only for the boolean True; a string such as ``"false"`` is refused."""
-    if value is None or value is False:
-        return False
-    if value is True:
-        return True
-    raise BuilderInputError(f"option {OPTION} must be True or False, got {value!r}")
-
-
 def remote_code_kwargs(model_class: Any, trust: bool) -> dict[str, Any]:
     """``{"trust_remote_code": trust}`` for a transformers auto class, which may resolve to custom
     code; ``{}`` for a concrete class, which is the code that runs and may not take the keyword.
@@ -44,4 +35,4 @@ def refusal(path: str, exc: BaseException) -> BuilderInputError | None:
     )
 
 
-__all__ = ["OPTION", "refusal", "remote_code_kwargs", "trusted"]
+__all__ = ["OPTION", "refusal", "remote_code_kwargs"]

@@ -149,6 +149,7 @@ def test_the_deepspeed_config_is_checked_and_deep_frozen(base):
     assert b.ds_config["zero_optimization"]["stage"] == 2
     with pytest.raises(TypeError):
         b.ds_config["zero_optimization"]["stage"] = 3
+    assert base.with_deepspeed(b.ds_config).ds_config == b.ds_config  # one builder's config given to another
 
 
 def test_settings_reach_the_stages_that_read_them(base):
