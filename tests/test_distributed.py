@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from hfbuilder import DistributedSetupError
+from hfbuilder import DistributedSetupError, testing
 from hfbuilder.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, setup_timeout
 
 ENV = {**os.environ, "HFBUILDER_DISABLE_PLUGIN_AUTOLOAD": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
@@ -19,11 +18,8 @@ ENV.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extension
 
 
 def rank_env(world_size: int, **extra: str) -> dict[str, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    return {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": "0", "LOCAL_RANK": "0",
-            "WORLD_SIZE": str(world_size), **extra}
+    """Rank 0's environment, its peers never started: the shared launcher's, on a free port."""
+    return testing.rank_env(0, world_size, testing.free_port(), extra={**ENV, **extra})
 
 
 def test_setup_timeout_reads_the_environment(monkeypatch):
