@@ -180,6 +180,12 @@ class BuildContext:
     #: load stage before it builds the architecture so that reading overlaps building; the checkpoint
     #: stage takes its tensors (None: the checkpoint stage reads them itself).
     weights_read: Any = None
+    #: Parameters a stage read and found finite as it loaded them (a load backend sums each tensor as it
+    #: arrives, while the next ones are copied): name -> (the parameter, its data pointer then).
+    #: Written by ``load`` and ``checkpoint``; the post-build ``finite`` invariant does not read such a
+    #: parameter again while it is the same object on the same memory and its provenance shows no later
+    #: change (``+``).
+    read_finite: dict[str, tuple[Any, int]] = field(default_factory=dict)
     #: The checkpoint stage's key plan (:class:`hfbuilder.weights.LoadPlan`), for later stages and tools.
     load_plan: Any = None
     #: The reward checkpoint's layout (:class:`hfbuilder.layouts.Resolved`), decided once by the

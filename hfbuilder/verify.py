@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
+from . import weights
 from .context import (
     PROVENANCE_CHECKPOINT,
     PROVENANCE_INITIALIZED,
@@ -127,49 +128,15 @@ def _local(p: Any) -> Any:
     return p.ds_tensor if hasattr(p, "ds_id") and getattr(p, "ds_tensor", None) is not None else p
 
 
-def _finite(t: Any) -> bool:
-    import torch
-
-    if t.is_meta or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
-        return True
-    t = t.detach()
-    # A sum is finite iff no element is NaN/inf, unless it overflows (fp16 past 65504): one
-    # fast pass with no tensor-sized temporary (a float64 sum is ~20x slower on CPU).
-    # A non-finite sum is confirmed elementwise, so an overflow is never reported.
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def _nonfinite(named: list[tuple[str, Any]]) -> list[str]:
-    """The names whose tensor holds NaN or inf, in order.
-
-    On an accelerator every sum is queued first and read back once: one host sync for the
-    model, where a check per tensor waits for each (hundreds of round trips for an LLM).
-    """
-    import torch
-
-    queued: list[tuple[str, Any, Any]] = []
-    bad: set[str] = set()
-    for name, t in named:
-        if t.is_meta or t.numel() == 0 or not t.is_floating_point() or t.device.type == "cpu":
-            if not _finite(t):
-                bad.add(name)
-            continue
-        t = t.detach()
-        queued.append((name, t, t.sum().float()))
-    if queued:
-        flags = torch.isfinite(torch.stack([s.to(queued[0][2].device) for _, _, s in queued])).tolist()
-        bad.update(name for (name, t, _), ok in zip(queued, flags, strict=True)
-                   if not ok and not bool(torch.isfinite(t).all()))  # an overflowing sum is not NaN: confirm
-    return [name for name, _ in named if name in bad]
-
-
 FINITE_SCOPES = ("auto", "written", "all")
 
 
-def _in_scope(scope: str, provenance: str, tensor: Any) -> bool:
+def _in_scope(scope: str, provenance: str, tensor: Any, read_finite: tuple[Any, int] | None = None) -> bool:
     """Whether the ``finite`` invariant reads this parameter.
+
+    ``read_finite``: (parameter, data pointer) as a stage recorded them when it read the tensor
+    and found it finite (``BuildContext.read_finite``). While the parameter is that object on that
+    memory and no stage marked it changed, it is not read again, whatever the scope.
 
     ``"written"`` reads what the build itself wrote: initialized tensors, heads, adapters,
     resized matrices (a ``+`` modifier). Weights copied untouched from a file into CPU memory are
@@ -178,11 +145,24 @@ def _in_scope(scope: str, provenance: str, tensor: Any) -> bool:
     ``check_finite="all"``. ``"auto"`` (the default) also reads every weight that lives on an
     accelerator: it was copied there already, and a sum in device memory costs next to nothing.
     """
-    if scope == "all" or "+" in provenance:
+    if "+" in provenance:
+        return True
+    if read_finite is not None and read_finite[0] is tensor and tensor.data_ptr() == read_finite[1]:
+        return False
+    if scope == "all":
         return True
     if scope == "auto" and tensor.device.type not in ("cpu", "meta"):
         return True
     return provenance_origin(provenance) not in (PROVENANCE_PRETRAINED, PROVENANCE_CHECKPOINT)
+
+
+def reads_loaded_weights(settings: VerifySettings, device: Any) -> bool:
+    """Whether the ``finite`` invariant will read weights loaded untouched onto ``device``: a stage that
+    reads them can sum each as it arrives instead (``BuildContext.read_finite``)."""
+    if settings.invariants == "off":
+        return False
+    on_accelerator = device is not None and str(device).split(":")[0] not in ("cpu", "meta")
+    return settings.check_finite == "all" or (settings.check_finite == "auto" and on_accelerator)
 
 
 def _result(name: str, problems: list[str]) -> InvariantResult:
@@ -242,9 +222,10 @@ def check_invariants(ctx: BuildContext, params: list[tuple[str, Any]] | None = N
         params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
     prov = ctx.report.provenance
 
-    scope = ctx.settings("verify").check_finite
+    scope, checked = ctx.settings("verify").check_finite, ctx.read_finite
     with torch.no_grad():
-        nonfinite = _nonfinite([(name, _local(p)) for name, p in params if _in_scope(scope, prov.get(name, ""), _local(p))])
+        nonfinite = weights.nonfinite([(name, _local(p)) for name, p in params
+                                       if _in_scope(scope, prov.get(name, ""), _local(p), checked.get(name))])
     finite = _result("finite", [f"{name} holds NaN or inf" for name in nonfinite])
 
     meta = [

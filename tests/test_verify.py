@@ -318,3 +318,46 @@ def test_nan_in_a_pretrained_checkpoint_is_caught_where_promised(tmp_path, token
     assert VerifySettings().check_finite == "auto"  # on the CPU: what the build wrote, as documented
     model, report = builder.with_options(invariants="warn").build_with_report()
     assert report.invariants[0].name == "finite"
+
+
+def test_a_tensor_read_finite_is_not_read_again_while_it_is_that_tensor():
+    """``ctx.read_finite`` (a load backend summed the tensor as it arrived) spares the second read,
+    but only for the very tensor it checked: a replaced or cast parameter is read again."""
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")  # the reader would have seen it; the record says it did not
+    settings = {"verify": VerifySettings(check_finite="all")}
+
+    def finite(read_finite, provenance=PROVENANCE_PRETRAINED):
+        ctx = BuildContext(model_class=None, model_name_or_path="x", tokenizer=None, model=layer,
+                           stage_settings=settings)
+        ctx.report.provenance = {"weight": provenance, "bias": PROVENANCE_PRETRAINED}
+        ctx.read_finite.update(read_finite)
+        return check_invariants(ctx)[0]
+
+    record = (layer.weight, layer.weight.data_ptr())
+    assert not finite({}).passed
+    assert finite({"weight": record}).passed  # the record is trusted for that tensor
+    assert not finite({"weight": (layer.bias, record[1])}).passed  # another parameter: read again
+    assert not finite({"weight": (layer.weight, record[1] + 4)}).passed  # other memory (.data replaced): again
+    assert not finite({"weight": record}, f"{PROVENANCE_PRETRAINED}+resized[0:1]").passed  # changed since
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nonfinite_names_each_bad_tensor_once(dtype):
+    from hfbuilder.weights import FiniteSums, nonfinite
+
+    good, nan, inf = torch.ones(8, 4, dtype=dtype), torch.ones(8, 4, dtype=dtype), torch.ones(3, dtype=dtype)
+    nan[2, 1], inf[0] = float("nan"), float("-inf")
+    named = [("good", good), ("nan", nan), ("ints", torch.arange(4)), ("inf", inf), ("empty", torch.ones(0, dtype=dtype)),
+             ("scalar", torch.tensor(float("nan"), dtype=dtype)), ("meta", torch.empty(2, device="meta"))]
+    assert nonfinite(named) == ["nan", "inf", "scalar"]
+    complex_bad = torch.ones(2, dtype=torch.complex64)
+    complex_bad[1] = complex(float("inf"), 0)
+    assert nonfinite([("c", complex_bad), ("c2", torch.ones(2, dtype=torch.complex64))]) == ["c"]
+    sums = FiniteSums(1, "cpu")
+    sums.add("a", good)
+    sums.add("i", torch.arange(3))  # nothing to sum: no slot taken
+    with pytest.raises(ValueError, match="holds 1 sums"):
+        sums.add("b", good)
+    assert sums.finite() == {"a", "i"}

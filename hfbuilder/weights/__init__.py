@@ -8,6 +8,7 @@ torch, transformers and safetensors are imported only when a function needs them
 
 from .assign import Assigned, assign_from_checkpoint
 from .binfile import load_bin
+from .finite import FiniteSums, nonfinite
 from .keys import KeyMap, map_keys
 from .match import ALWAYS_IGNORED_UNEXPECTED, LoadPlan, check_plan, dtype_kind, listing, match_keys
 from .policy import check_pretrained, format_conflict
@@ -50,6 +51,7 @@ __all__ = [
     "CheckpointReader",
     "CheckpointSummary",
     "FileInfo",
+    "FiniteSums",
     "KeyMap",
     "Layout",
     "LoadPlan",
@@ -67,6 +69,7 @@ __all__ = [
     "load_bin",
     "map_keys",
     "match_keys",
+    "nonfinite",
     "open_checkpoint",
     "read_json",
     "set_tensor",
