@@ -178,11 +178,14 @@ class ModelBuilder:
         return self.configure("load", device=str(device))
 
     def with_loader(self, loader: str, *, io: str | None = None) -> ModelBuilder:
-        """Read weights with ``loader``: ``"auto"`` (the default), ``"safetensors"`` or ``"instanttensor"``.
+        """Read weights with ``loader``: ``"auto"`` (the default), ``"safetensors"``, ``"instanttensor"``
+        or ``"transformers"``.
 
         instanttensor (``pip install 'hfbuilder[fast]'``) reads safetensors onto CUDA devices with
-        pinned, pipelined copies; ``auto`` uses it when it is installed and the device is CUDA.
-        ``io`` is its reads' path: ``"buffered"``, ``"direct"`` or ``"auto"`` (see ``load.io``).
+        pinned, pipelined copies; ``auto`` uses it when it is installed and the device is CUDA, and
+        safetensors otherwise (on the CPU: the model assigned views of the memory-mapped files).
+        ``transformers`` leaves every read of a plain build to ``from_pretrained``.
+        ``io`` is instanttensor's reads' path: ``"buffered"``, ``"direct"`` or ``"auto"`` (see ``load.io``).
         """
         fields_: dict[str, Any] = {"loader": loader}
         if io is not None:

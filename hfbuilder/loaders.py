@@ -19,14 +19,14 @@ the notes, facts and provenance. torch and instanttensor are imported only when 
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BuilderInputError, CheckpointError
+from .pagecache import IO_MODES, cached_fraction, choose_io
 
-LOADERS = ("auto", "safetensors", "instanttensor")
+LOADERS = ("auto", "safetensors", "instanttensor", "transformers")
 
 
 class ReadFailed(CheckpointError):
@@ -36,10 +36,7 @@ class ReadFailed(CheckpointError):
     """
 
 
-IO_MODES = ("auto", "buffered", "direct")
 FAST_EXTRA = "pip install 'hfbuilder[fast]'"
-#: ``auto`` reads buffered when at least this share of the sampled pages is in the page cache.
-WARM_FRACTION = 0.9
 
 
 def instanttensor_installed() -> bool:
@@ -83,6 +80,8 @@ def choose_loader(requested: str, device: Any, fmt: str = "safetensors") -> Load
     check_loader(requested, device)
     if fmt != "safetensors":
         return LoaderChoice("torch.load", "the checkpoint is a pickle (.bin), which only torch.load reads")
+    if requested == "transformers":
+        return LoaderChoice("transformers", "load.loader='transformers': from_pretrained reads the files")
     if requested == "safetensors":
         return LoaderChoice("safetensors", "load.loader='safetensors'")
     if requested == "instanttensor":
@@ -92,64 +91,6 @@ def choose_loader(requested: str, device: Any, fmt: str = "safetensors") -> Load
     if not instanttensor_installed():
         return LoaderChoice("safetensors", f"instanttensor is not installed ({FAST_EXTRA})")
     return LoaderChoice("instanttensor", "installed, and the device is CUDA")
-
-
-# -- buffered or direct ----------------------------------------------------------------------------
-
-
-def cached_fraction(files: list[str], samples: int = 64) -> float | None:
-    """The share of sampled pages of ``files`` that the page cache holds, or None where unknown.
-
-    Asked with ``mincore`` on a mapping of each file, which reads nothing and starts no
-    readahead (a probing ``preadv(RWF_NOWAIT)`` would: it makes the next probe see a warm file).
-    """
-    import ctypes
-    import mmap
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    except (OSError, AttributeError):  # not Linux/glibc
-        return None
-    page = mmap.PAGESIZE
-    hits = total = 0
-    vec = ctypes.create_string_buffer(1)
-    for file in files:
-        size = os.path.getsize(file)
-        if size == 0:
-            continue
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr is None or addr == ctypes.c_void_p(-1).value:
-                return None
-            try:
-                for i in range(samples):
-                    offset = size * (2 * i + 1) // (2 * samples) // page * page
-                    if libc.mincore(addr + offset, page, vec) != 0:
-                        return None
-                    hits += vec.raw[0] & 1
-                    total += 1
-            finally:
-                libc.munmap(addr, size)
-        finally:
-            os.close(fd)
-    return hits / total if total else None
-
-
-def choose_io(requested: str, files: list[str]) -> tuple[str, str]:
-    """``("buffered" | "direct", why)`` for instanttensor's reads of ``files``."""
-    if requested != "auto":
-        return requested, f"load.io={requested!r}"
-    share = cached_fraction(files)
-    if share is None:
-        return "buffered", "page-cache residency unknown on this system"
-    if share >= WARM_FRACTION:
-        return "buffered", f"{share:.0%} of the files' sampled pages are in the page cache"
-    return "direct", f"{share:.0%} of the files' sampled pages are in the page cache: direct I/O reads a cold disk fastest"
 
 
 # -- reads -----------------------------------------------------------------------------------------
@@ -165,6 +106,9 @@ class Loaded:
     loader: str = ""
     #: the I/O path the loader took (``URING_BUFFERED``, ``AIO``..., ``mmap`` for safetensors)
     backend: str = ""
+    #: the tensors summed as they arrived and found finite (``check_finite`` reads), as (data pointer,
+    #: dtype, shape): a parameter that is one of them needs no second look (:func:`read_finite`)
+    finite: set[tuple[int, Any, tuple[int, ...]]] = field(default_factory=set)
 
     @property
     def gbps(self) -> float:
@@ -173,6 +117,20 @@ class Loaded:
 
 def _nbytes(t: Any) -> int:
     return t.numel() * t.element_size()
+
+
+def _signature(t: Any) -> tuple[int, Any, tuple[int, ...]]:
+    return t.data_ptr(), t.dtype, tuple(t.shape)
+
+
+def read_finite(model: Any, loaded: Loaded | None) -> dict[str, tuple[Any, int]]:
+    """``BuildContext.read_finite`` entries for ``model`` after assignment: name -> (parameter, data
+    pointer) for each parameter that is one of the tensors the read found finite, not a cast or a
+    copy of one (same memory, dtype and shape)."""
+    if loaded is None or not loaded.finite:
+        return {}
+    return {name: (p, p.data_ptr()) for name, p in model.named_parameters(remove_duplicate=False)
+            if _signature(p) in loaded.finite}
 
 
 class InstantRead:
@@ -185,9 +143,12 @@ class InstantRead:
     a meta-device build of 0.06 s took 2.9 s beside a cold read).
     """
 
-    def __init__(self, files: list[str], device: Any, io: str = "buffered", keys: list[str] | None = None) -> None:
+    def __init__(self, files: list[str], device: Any, io: str = "buffered", keys: list[str] | None = None,
+                 check_finite: bool = False) -> None:  # fmt: skip
         import instanttensor
         import torch
+
+        self.check_finite = check_finite
 
         dev = torch.device(device)
         self.device = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
@@ -202,16 +163,27 @@ class InstantRead:
             self._fh.__enter__()
 
     def drain(self) -> Loaded:
-        """Every tensor, each owning its memory; then the loader is closed."""
+        """Every tensor, each owning its memory; then the loader is closed.
+
+        With ``check_finite`` each tensor is summed as it arrives, on a side stream, so the
+        sums run while the next tensors are copied (:class:`~hfbuilder.weights.FiniteSums`).
+        """
         import torch
+
+        from .weights import FiniteSums
 
         out = Loaded(loader="instanttensor")
         fh = self._fh
         try:
             with torch.cuda.device(self.device):
+                sums = FiniteSums(len(fh.keys()), self.device, overlap=True) if self.check_finite else None
                 for name, tensor in fh.tensors():
                     out.tensors[name] = tensor
                     out.bytes += _nbytes(tensor)
+                    if sums is not None:
+                        sums.add(name, tensor)
+                if sums is not None:
+                    out.finite = {_signature(out.tensors[k]) for k in sums.finite()}
         finally:
             self._close()
         out.backend = getattr(getattr(fh, "backend", None), "name", "") or str(getattr(fh, "backend", ""))
@@ -235,9 +207,10 @@ class InstantRead:
                 fh.__exit__(None, None, None)
 
 
-def read_instanttensor(files: list[str], device: Any, io: str = "buffered", keys: list[str] | None = None) -> Loaded:
+def read_instanttensor(files: list[str], device: Any, io: str = "buffered", keys: list[str] | None = None,
+                       check_finite: bool = False) -> Loaded:  # fmt: skip
     """Every tensor of ``files`` (or only ``keys``) on the CUDA ``device``, each owning its memory."""
-    return InstantRead(files, device, io, keys).drain()
+    return InstantRead(files, device, io, keys, check_finite).drain()
 
 
 def read_safetensors(files: list[str], device: Any, keys: list[str] | None = None) -> Loaded:
@@ -267,7 +240,7 @@ class Read:
     """
 
     def __init__(self, loader: str, files: list[str], device: Any, io: str = "buffered",
-                 keys: list[str] | None = None, why: str = "") -> None:  # fmt: skip
+                 keys: list[str] | None = None, why: str = "", check_finite: bool = False) -> None:  # fmt: skip
         self.loader, self.files, self.device, self.io = loader, list(files), device, io
         self.why = why  # why this I/O mode, for the report
         self._keys = keys
@@ -276,7 +249,7 @@ class Read:
         self._open: InstantRead | None = None
         if loader == "instanttensor":
             try:
-                self._open = InstantRead(self.files, device, io, keys)
+                self._open = InstantRead(self.files, device, io, keys, check_finite)
             except Exception as exc:  # noqa: BLE001 - reported by result(), with the files named
                 self._error = exc
 
@@ -337,8 +310,8 @@ class PrefetchedReader:
         return len(self.reader)
 
 
-def device_source(reader: Any, device: Any, loader: str, io: str,
-                  started: Read | None = None) -> tuple[Any, LoaderChoice, Loaded | None]:  # fmt: skip
+def device_source(reader: Any, device: Any, loader: str, io: str, started: Read | None = None,
+                  check_finite: bool = False) -> tuple[Any, LoaderChoice, Loaded | None]:  # fmt: skip
     """Where assignment takes ``reader``'s tensors from when they go to ``device``.
 
     With instanttensor: a :class:`PrefetchedReader` over its read (``started``, when it read these
@@ -346,6 +319,8 @@ def device_source(reader: Any, device: Any, loader: str, io: str,
     read is a :class:`CheckpointError`.
     """
     choice = choose_loader(loader, device, reader.format)
+    if choice.name == "transformers":  # it names from_pretrained's reads; a checkpoint is read here
+        return reader, LoaderChoice("safetensors", "the checkpoint stage reads safetensors files itself"), None
     if choice.name != "instanttensor":
         return reader, choice, None
     read = started
@@ -353,7 +328,7 @@ def device_source(reader: Any, device: Any, loader: str, io: str,
         if read is not None:
             read.close()
         mode, why = choose_io(io, reader.files)
-        read = Read("instanttensor", reader.files, device, mode, why=why)
+        read = Read("instanttensor", reader.files, device, mode, why=why, check_finite=check_finite)
     try:
         loaded = read.result()
     finally:
@@ -379,6 +354,7 @@ __all__ = [
     "choose_loader",
     "instanttensor_installed",
     "is_cuda",
+    "read_finite",
     "read_instanttensor",
     "read_safetensors",
 ]

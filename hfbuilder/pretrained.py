@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loaders import PrefetchedReader, Read, choose_io
+from .loaders import PrefetchedReader, Read, choose_io, read_finite
 
 FLOAT_PREFIXES = ("float", "bfloat")
 
@@ -104,19 +104,27 @@ class AssignedPretrained:
     backend: str = ""
     io: str = ""  # buffered or direct
     io_why: str = ""
-    #: seconds of each step, in order (the read runs alongside "architecture" and "keys")
+    #: seconds of each step, in order (a read runs alongside every step before "wait for the read")
     phases: dict[str, float] = field(default_factory=dict)
+    #: ``BuildContext.read_finite`` entries: the parameters that are tensors the read found finite
+    finite: dict[str, tuple[Any, int]] = field(default_factory=dict)
 
 
 def pretrained_by_assignment(model_class: Any, config: Any, path: str, *, device: Any, dtype: str | None,
-                             io: str = "auto", **from_config: Any) -> AssignedPretrained | str:
-    """The pretrained model in ``path``, its tensors read onto ``device`` by instanttensor while the
-    architecture is built on the meta device; a str says why it must be ``from_pretrained`` instead.
+                             loader: str = "instanttensor", io: str = "auto", check_finite: bool = False,
+                             **from_config: Any) -> AssignedPretrained | str:  # fmt: skip
+    """The pretrained model in ``path`` by assignment; a str says why it must be ``from_pretrained`` instead.
 
-    ``dtype`` is the load setting (None/"auto": as ``from_pretrained`` picks), ``io`` instanttensor's
-    reads (``choose_io``). A failed read is a :class:`~hfbuilder.loaders.ReadFailed`; a tensor whose
-    shape or dtype kind the model cannot take, the :class:`~hfbuilder.CheckpointError` a plain
-    build's check raises (checked here, on the model this path builds anyway, while the read runs).
+    ``loader="instanttensor"``: its read onto the CUDA ``device`` starts first and runs while the
+    architecture is built on the meta device (``io``: buffered or direct, :func:`choose_io`;
+    ``check_finite``: each tensor is summed as it arrives). ``loader="safetensors"`` on the CPU:
+    each parameter becomes a view of the memory-mapped file (no copy, as ``from_pretrained``
+    leaves a CPU model), converted only if its dtype differs.
+
+    ``dtype`` is the load setting (None/"auto": as ``from_pretrained`` picks). A failed read is a
+    :class:`~hfbuilder.loaders.ReadFailed`; a tensor whose shape or dtype kind the model cannot
+    take, the :class:`~hfbuilder.CheckpointError` a plain build's check raises (checked here, on
+    the model this path builds anyway, before a tensor is assigned).
     """
     import torch
 
@@ -124,9 +132,11 @@ def pretrained_by_assignment(model_class: Any, config: Any, path: str, *, device
     from .weights.shards import shard_map
 
     clock = _Clock()
-    files = sorted(shard_map(find_checkpoint(path)[1]))  # the index alone: the read starts before the headers
-    mode, why = choose_io(io, files)
-    read = Read("instanttensor", files, device, mode, why=why)  # reads while the model is built
+    read, mode, why = None, "", ""
+    if loader == "instanttensor":
+        files = sorted(shard_map(find_checkpoint(path)[1]))  # the index alone: the read starts before the headers
+        mode, why = choose_io(io, files)
+        read = Read("instanttensor", files, device, mode, why=why, check_finite=check_finite)  # reads meanwhile
     try:
         reader = open_checkpoint(path)  # every header and the shard rules, checked again while reading
         clock.lap("open")
@@ -140,7 +150,8 @@ def pretrained_by_assignment(model_class: Any, config: Any, path: str, *, device
         finally:
             reader.close()
     finally:
-        read.close()
+        if read is not None:
+            read.close()
     if not isinstance(done, str):
         done.io, done.io_why, done.phases = mode, why, clock.laps
     return done
@@ -157,13 +168,15 @@ class _Clock:
         self._last = now
 
 
-def load_by_assignment(model: Any, path: str, reader: Any, read: Read, device: Any,
+def load_by_assignment(model: Any, path: str, reader: Any, read: Read | None, device: Any,
                        clock: _Clock | None = None) -> AssignedPretrained | str:  # fmt: skip
-    """Fill ``model`` (built by :func:`build_on_meta`) from ``read``'s tensors; a str says why it cannot.
+    """Fill ``model`` (built by :func:`build_on_meta`) from the checkpoint; a str says why it cannot.
 
-    ``reader`` is the checkpoint's :class:`~hfbuilder.weights.CheckpointReader` (keys and
-    shapes); ``read`` the started read of its files onto ``device``. Keys map as
-    ``from_pretrained`` maps them (the base-model prefix rule included).
+    ``reader`` is the checkpoint's :class:`~hfbuilder.weights.CheckpointReader` (keys, shapes,
+    and the tensors when ``read`` is None: memory-mapped on the CPU); ``read`` a started read of
+    its files onto ``device``. Keys map as ``from_pretrained`` maps them (the base-model prefix
+    rule included). What the checkpoint will not fill (non-persistent buffers, missing weights)
+    is initialized before the read is waited for, so that work overlaps the read.
     """
     from .plugins.materialize import materialize
     from .weights import LoadPlan, assign_from_checkpoint, check_plan, match_keys
@@ -176,24 +189,28 @@ def load_by_assignment(model: Any, path: str, reader: Any, read: Read, device: A
     if plan.converted:
         return "transformers converts some of its tensors (merges or splits them) when it loads them"
     clock.lap("keys")
-    loaded = read.result()
-    clock.lap("wait for the read")
-    prefetched = PrefetchedReader(reader, loaded.tensors, device)
-    del loaded.tensors
-    assign_from_checkpoint(model, plan, prefetched, device=device, source=reader.file)
-    del prefetched  # tensors the model does not take free their memory now
-    clock.lap("assign")
-    initialized = materialize(model, device)
+    filled = {n for names in plan.tied for n in names if any(m in plan.sources for m in names)} | set(plan.sources)
+    initialized = materialize(model, device or "cpu", skip=filled)
     clock.lap("initialize the rest")
+    source, loaded = reader, None
+    if read is not None:
+        loaded = read.result()
+        clock.lap("wait for the read")
+        source = PrefetchedReader(reader, loaded.tensors, device)
+        del loaded.tensors
+    assign_from_checkpoint(model, plan, source, device=None if read is None else device, source=reader.file)
+    del source  # tensors the model does not take free their memory now
+    finite = read_finite(model, loaded)
+    clock.lap("assign")
     model.eval()
     model.config.name_or_path = path
     _generation_config(model, path)
     clock.lap("finish")
-    filled = {n for names in plan.tied for n in names if any(m in plan.sources for m in names)} | set(plan.sources)
     return AssignedPretrained(
         model=model, loaded=sorted(filled), initialized=initialized, missing=sorted(plan.missing),
-        unexpected=sorted(plan.unexpected), bytes=loaded.bytes, read_seconds=loaded.seconds,
-        read_gbps=loaded.gbps, backend=loaded.backend,
+        unexpected=sorted(plan.unexpected), bytes=loaded.bytes if loaded else 0,
+        read_seconds=loaded.seconds if loaded else 0.0, read_gbps=loaded.gbps if loaded else 0.0,
+        backend=loaded.backend if loaded else "mmap", finite=finite,
     )  # fmt: skip
 
 

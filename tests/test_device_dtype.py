@@ -57,8 +57,11 @@ def test_auto_dtype_keeps_the_files_dtype(saved, tokenizer_for):
 
 
 def test_device_and_dtype_reach_from_pretrained(saved, tokenizer_for):
-    """The device is handed to transformers (``device_map``), not applied with ``.to()`` after loading."""
+    """When from_pretrained reads the files (loader ``transformers``; on a GPU without instanttensor), the
+    device is handed to transformers (``device_map``), not applied with ``.to()`` after loading. On the
+    CPU the default loader builds with from_config on the meta device and never calls from_pretrained."""
     calls: list[dict] = []
+    built: list[dict] = []
 
     class Recording:
         @classmethod
@@ -68,18 +71,26 @@ def test_device_and_dtype_reach_from_pretrained(saved, tokenizer_for):
 
         @classmethod
         def from_config(cls, *args, **kwargs):
+            built.append(kwargs)
             return AutoModelForCausalLM.from_config(*args, **kwargs)
 
     path = saved["float32"]
-    model = ModelBuilder(Recording, path, tokenizer_for(path)).with_dtype(torch.float16).on_device("cpu").build()
+    transformers = ModelBuilder(Recording, path, tokenizer_for(path)).with_loader("transformers")
+    model = transformers.with_dtype(torch.float16).on_device("cpu").build()
     assert len(calls) == 1
     assert calls[0]["device_map"] == "cpu"
     assert calls[0]["dtype"] is torch.float16
     assert next(model.parameters()).dtype == torch.float16
 
     calls.clear()
-    ModelBuilder(Recording, path, tokenizer_for(path)).build()
+    transformers.build()
     assert "device_map" not in calls[0] and "dtype" not in calls[0]  # transformers' defaults, untouched
+
+    calls.clear()
+    built.clear()
+    model = ModelBuilder(Recording, path, tokenizer_for(path)).with_dtype(torch.float16).on_device("cpu").build()
+    assert calls == [] and any(b.get("dtype") is torch.float16 for b in built)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
 
 
 def test_options_are_normalized_and_builders_immutable(saved, tokenizer_for):

@@ -95,7 +95,7 @@ def test_loader_settings(llama):
     builder = ModelBuilder(AutoModelForCausalLM, path, tok)
     assert builder.with_loader("safetensors", io="direct").options == {"loader": "safetensors", "loader_io": "direct"}
     assert builder.with_options(loader="instanttensor").settings["load"]["loader"] == "instanttensor"
-    with pytest.raises(BuilderInputError, match="'auto', 'safetensors', 'instanttensor'"):
+    with pytest.raises(BuilderInputError, match="'auto', 'safetensors', 'instanttensor', 'transformers'"):
         builder.with_loader("fast")
     with pytest.raises(BuilderInputError, match="'auto', 'buffered', 'direct'"):
         builder.with_loader("auto", io="sideways")
@@ -170,3 +170,42 @@ def test_device_source_is_the_reader_itself_without_instanttensor(llama):
     reader = open_checkpoint(path)
     source, choice, loaded = device_source(reader, "cpu", "auto", "auto")
     assert source is reader and choice.name == "safetensors" and loaded is None
+
+
+def test_cpu_build_assigns_the_files_memory_map_and_transformers_loader_calls_from_pretrained(llama):
+    """On the CPU a plain build is the architecture on the meta device assigned views of the memory-mapped
+    files (what from_pretrained leaves on the CPU, without its per-tensor machinery); loader
+    ``transformers`` is from_pretrained itself. Both give the same model."""
+    path, tok = llama
+    model, report = ModelBuilder(AutoModelForCausalLM, path, tok).build_with_report()
+    assert "memory-mapped from the files" in " ".join(report.stage("load").actions)
+    reference, report = ModelBuilder(AutoModelForCausalLM, path, tok).with_loader("transformers").build_with_report()
+    assert report.stage("load").facts["loader"] == "transformers"
+    assert any("from_pretrained" in a for a in report.stage("load").actions)
+    # No copy: the same parameters are views of the mapped file (all but the two the resize stage grew).
+    mapped = in_file_mapping(model)
+    assert mapped == in_file_mapping(reference) and len(mapped) == len(list(model.parameters())) - 2
+    want, got = reference.state_dict(), model.state_dict()
+    rows = AutoConfig.from_pretrained(path).vocab_size  # the resize stage's new rows are drawn at random
+    assert got.keys() == want.keys() and all(torch.equal(got[k][:rows], want[k][:rows]) for k in want)
+    assert not model.training and model.generation_config.to_dict() == reference.generation_config.to_dict()
+
+
+def test_transformers_loader_is_refused_nowhere_and_the_checkpoint_stage_reads_itself(llama):
+    path, tok = llama
+    reader = open_checkpoint(path)
+    source, choice, loaded = device_source(reader, "cpu", "transformers", "auto")
+    assert source is reader and choice.name == "safetensors" and loaded is None
+    assert choose_loader("transformers", "cuda").name == "transformers"
+
+
+def in_file_mapping(model) -> set[str]:
+    """The parameters whose memory lies in a mapping of a ``.safetensors`` file (/proc/self/maps)."""
+    spans = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+                start, stop = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((start, stop))
+    return {n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in spans)}

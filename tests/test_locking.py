@@ -127,7 +127,8 @@ def test_two_threads_building_different_dtypes_get_correct_models(model_dir):
     assert log == ["bf16 inside", "bf16 done", "fp32 inside", "fp32 done"]  # the second waited for the first
 
 
-def test_a_build_failing_mid_load_leaves_transformers_unpatched(model_dir):
+@pytest.mark.parametrize("loader", ["transformers", "safetensors"])  # from_pretrained's contexts; the meta build's
+def test_a_build_failing_mid_load_leaves_transformers_unpatched(model_dir, loader):
     path = model_dir("llama")
     before = process_globals()
 
@@ -136,8 +137,10 @@ def test_a_build_failing_mid_load_leaves_transformers_unpatched(model_dir):
         def from_config(cls, config, **kwargs):
             return cls._from_config(config, **kwargs)
 
-        def __init__(self, config):  # inside from_pretrained's contexts: tie_weights is a no-op here
-            assert modeling_utils.PreTrainedModel.tie_weights is not before["PreTrainedModel.tie_weights"]
+        def __init__(self, config):  # inside the loading contexts, which patch one of these
+            patched = {"transformers": "PreTrainedModel.tie_weights", "safetensors": "PreTrainedModel.init_weights"}
+            name = patched[loader]
+            assert getattr(modeling_utils.PreTrainedModel, name.split(".")[1]) is not before[name]
             raise RuntimeError("model refused to build")
 
     class Fails(Stage):
@@ -148,9 +151,10 @@ def test_a_build_failing_mid_load_leaves_transformers_unpatched(model_dir):
             raise RuntimeError("stage failed")
 
     with pytest.raises(StageError, match="model refused to build"):
-        ModelBuilder(Raises, path, make_tokenizer()).with_dtype("bfloat16").build()
+        ModelBuilder(Raises, path, make_tokenizer()).with_dtype("bfloat16").with_loader(loader).build()
     with pytest.raises(StageError, match="stage failed"):
-        ModelBuilder(AutoModelForCausalLM, path, make_tokenizer()).with_dtype("bfloat16").with_stage(Fails).build()
+        ModelBuilder(AutoModelForCausalLM, path, make_tokenizer()).with_dtype("bfloat16").with_loader(loader) \
+            .with_stage(Fails).build()
     assert process_globals() == before
 
     free: list[bool] = []

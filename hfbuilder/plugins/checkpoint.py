@@ -27,9 +27,10 @@ from typing import Any
 from ..context import PROVENANCE_CHECKPOINT, PROVENANCE_RESIZED, BuildContext
 from ..errors import CheckpointError
 from ..hookspecs import hookimpl
-from ..loaders import LoaderChoice, ReadFailed, device_source
+from ..loaders import LoaderChoice, ReadFailed, device_source, read_finite
 from ..settings import Settings, setting
 from ..stage import Stage
+from ..verify import reads_loaded_weights
 from ..weights import (
     LoadPlan,
     assign_from_checkpoint,
@@ -122,6 +123,7 @@ class CheckpointStage(Stage):
                 ctx.model, plan, reader, device=device, keep_dtype=ctx.dtype == "auto", mmap=settings.mmap,
                 source=reader.file)
             ctx.rows_to_fill.update(plan.partial_rows)
+            ctx.read_finite.update(read_finite(ctx.model, loaded))
             ctx.note(f"assigned {assigned.tensors} tensors ({assigned.bytes / 2**20:.1f} MiB) from {reader.file} "
                      f"({reader.format})")
             ctx.fact("loader", how.name)
@@ -143,7 +145,8 @@ class CheckpointStage(Stage):
         load = ctx.settings("load")
         started, ctx.weights_read = ctx.weights_read, None
         try:
-            return device_source(reader, device, load.loader, load.io, started)
+            return device_source(reader, device, load.loader, load.io, started,
+                                 check_finite=reads_loaded_weights(ctx.settings("verify"), device))
         except ReadFailed as exc:
             if load.loader != "auto":
                 raise

@@ -11,8 +11,8 @@ from typing import Any, Literal
 from ..context import PROVENANCE_INITIALIZED, PROVENANCE_PRETRAINED, PROVENANCE_UNINITIALIZED, BuildContext
 from ..errors import BuilderInputError, CheckpointError
 from ..hookspecs import hookimpl
-from ..loaders import LoaderChoice, Read, ReadFailed, check_loader, choose_io, choose_loader
-from ..pretrained import build_on_meta, directory_blocker, pretrained_by_assignment
+from ..loaders import LoaderChoice, check_loader, choose_loader
+from ..pretrained import build_on_meta, directory_blocker
 from ..remote_code import remote_code_kwargs
 from ..settings import Settings, setting
 from ..stage import Stage
@@ -24,9 +24,9 @@ from ..weights import (
     find_checkpoint,
     format_conflict,
     map_keys,
-    open_checkpoint,
     summarize,
 )
+from .load_paths import assign_pretrained, by_assignment, copied, start_checkpoint_read, weights_bytes
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "npu", "hpu", "meta")
@@ -42,10 +42,12 @@ class LoadSettings(Settings):
     partition_loader: bool = setting(True, option="zero3_partition_loader",
                                      doc="under ZeRO-3 each rank reads only its rows of a safetensors checkpoint; "
                                          "False: transformers' from_pretrained")
-    loader: Literal["auto", "safetensors", "instanttensor"] = setting(
-        "auto", option="loader", doc="how safetensors weights reach a CUDA device: instanttensor (pip install "
-        "'hfbuilder[fast]') reads with pinned, pipelined copies; safetensors memory-maps and copies tensor by tensor; "
-        "auto: instanttensor when installed and the device is CUDA. Not used under ZeRO-3")
+    loader: Literal["auto", "safetensors", "instanttensor", "transformers"] = setting(
+        "auto", option="loader", doc="how safetensors weights are read: instanttensor (pip install 'hfbuilder[fast]') "
+        "reads onto a CUDA device with pinned, pipelined copies; safetensors memory-maps the files (on the CPU the "
+        "model is assigned their views; on a GPU from_pretrained copies tensor by tensor); transformers: "
+        "from_pretrained, on every device; auto: instanttensor when installed and the device is CUDA, else "
+        "safetensors. Not used under ZeRO-3")
     io: Literal["auto", "buffered", "direct"] = setting(
         "auto", option="loader_io", doc="instanttensor's reads: buffered (through the page cache: fast when the files "
         "are cached, and they stay cached for the next model), direct (O_DIRECT: fastest from a cold disk); auto: "
@@ -129,6 +131,9 @@ class LoadStage(Stage):
         if choice is not None and choice.name == "instanttensor":
             lines = [f"read every tensor of {ctx.model_name_or_path!r} onto {device} with instanttensor while "
                      f"{type(model).__name__} ({n:,} parameters, dtype {dtype}) is built on the meta device; assign them"]
+        elif choice is not None and by_assignment(choice, settings.device):
+            lines = [f"build {type(model).__name__} ({n:,} parameters, dtype {dtype}) on the meta device and assign "
+                     f"it the memory-mapped tensors of {ctx.model_name_or_path!r} (what from_pretrained leaves on {device})"]
         else:
             lines = [f"{cls}.from_pretrained({ctx.model_name_or_path!r}): {type(model).__name__}, {n:,} parameters, "
                      f"dtype {dtype}, {where}" + (f" ({choice.name}: {choice.why})" if choice else "")]
@@ -169,8 +174,8 @@ class LoadStage(Stage):
                 ctx.note(f"{type(model).__name__} built partitioned, no init; filled from {ctx.model_name_or_path}{unused}")
                 return
         choice = None if ctx.zero3 else self._choice(ctx, settings)
-        if choice is not None and choice.name == "instanttensor":
-            model = assign_pretrained(ctx, config, settings)
+        if choice is not None and by_assignment(choice, settings.device):
+            model = assign_pretrained(ctx, config, settings, choice)
             if model is not None:
                 ctx.model = model
                 _facts(ctx, model)
@@ -199,13 +204,14 @@ class LoadStage(Stage):
         n, first = _facts(ctx, model, params), params[0][1]
         ctx.note(f"{type(model).__name__}.from_pretrained: {n:,} parameters, dtype {first.dtype}, device {first.device}")
         if choice is not None:
-            ctx.fact("loader", "safetensors")
-            _copied(ctx, device, lambda: _weights_bytes(ctx.model_name_or_path), seconds, f"safetensors ({choice.why})")
+            ctx.fact("loader", choice.name)
+            copied(ctx, device, lambda: weights_bytes(ctx.model_name_or_path), seconds, f"safetensors ({choice.why})")
 
     def _choice(self, ctx: BuildContext, settings: LoadSettings) -> LoaderChoice:
-        """The backend a plain build reads with; instanttensor only where assignment can stand in for from_pretrained."""
+        """The backend a plain build reads with; assignment (instanttensor's, or the CPU's memory map)
+        only where it can stand in for from_pretrained."""
         choice = choose_loader(settings.loader, settings.device)
-        if choice.name != "instanttensor":
+        if not by_assignment(choice, settings.device):
             return choice
         path = ctx.model_name_or_path
         try:
@@ -213,7 +219,11 @@ class LoadStage(Stage):
         except CheckpointError:
             fmt = None
         why = directory_blocker(path, fmt)
-        return LoaderChoice("safetensors", f"instanttensor not used: {why}") if why else choice
+        if why is None:
+            return choice
+        if choice.name == "instanttensor":
+            return LoaderChoice("safetensors", f"instanttensor not used: {why}")
+        return LoaderChoice("transformers", f"from_pretrained reads it: {why}")
 
     def _architecture(self, ctx: BuildContext, config: Any, kwargs: dict[str, Any]) -> Any:
         checkpoint = ctx.settings("checkpoint")
@@ -231,7 +241,7 @@ class LoadStage(Stage):
             model = ctx.model_class.from_config(config, **kwargs, **_remote_code(ctx))
             ctx.note(f"{type(model).__name__}.from_config under zero.Init (weights deferred)")
         else:
-            _start_checkpoint_read(ctx)  # before building, so that the read overlaps it
+            start_checkpoint_read(ctx)  # before building, so that the read overlaps it
             # Parameters and buffers on the meta device, no init work: the checkpoint stage
             # assigns what it holds and materialize initializes the rest, buffers included.
             model = build_on_meta(ctx.model_class, config, kwargs.get("dtype"), **_remote_code(ctx))
@@ -240,75 +250,6 @@ class LoadStage(Stage):
             ctx.report.provenance[name] = PROVENANCE_UNINITIALIZED
         _facts(ctx, model)
         return model
-
-
-def assign_pretrained(ctx: BuildContext, config: Any, settings: LoadSettings) -> Any:
-    """The pretrained model by assignment of tensors instanttensor reads onto the device, or None
-    (with a note saying why) where from_pretrained must do it."""
-    path, device = ctx.model_name_or_path, settings.device
-    try:
-        done = pretrained_by_assignment(ctx.model_class, config, path, device=device, dtype=ctx.dtype, io=settings.io,
-                                        **_remote_code(ctx))
-    except ReadFailed as exc:
-        if settings.loader != "auto":
-            raise
-        ctx.warn(f"{exc}; from_pretrained reads it instead")
-        return None
-    if isinstance(done, str):
-        ctx.note(f"instanttensor not used: {done}; from_pretrained reads it")
-        return None
-    for name in done.loaded:
-        ctx.report.provenance[name] = PROVENANCE_PRETRAINED
-    for name in done.missing:
-        ctx.report.provenance[name] = PROVENANCE_INITIALIZED
-    ctx.fact("missing_weights", done.missing)
-    if done.missing:
-        ctx.warn(f"{path} lacks weights for {done.missing}; they were initialized with the model's _init_weights")
-    if done.unexpected:
-        ctx.note(f"{len(done.unexpected)} checkpoint tensor(s) the model does not use: {done.unexpected[:5]}")
-    ctx.fact("loader", "instanttensor")
-    ctx.fact("load_phases", done.phases)
-    _copied(ctx, device, lambda: done.bytes, done.read_seconds, f"instanttensor, {done.io} I/O ({done.backend}; {done.io_why})")
-    ctx.note(f"{type(done.model).__name__} built on the meta device and assigned {len(done.loaded)} tensors; "
-             f"initialized by _init_weights: {len(done.initialized)} (non-persistent buffers, missing weights)")
-    return done.model
-
-
-def _start_checkpoint_read(ctx: BuildContext) -> None:
-    """Start reading the checkpoint onto the device now, when the checkpoint stage will read it with instanttensor."""
-    settings, path = ctx.settings("load"), ctx.settings("checkpoint").path
-    if path is None or choose_loader(settings.loader, settings.device).name != "instanttensor":
-        return
-    reader = open_checkpoint(path)
-    ctx.call_on_exit(reader.close)
-    if reader.format != "safetensors":
-        return
-    io, why = choose_io(settings.io, reader.files)
-    ctx.weights_read = Read("instanttensor", reader.files, settings.device, io, why=why)
-    ctx.call_on_exit(ctx.weights_read.close)
-
-
-def _weights_bytes(path: str) -> int | None:
-    if not os.path.isdir(path):
-        return None
-    try:
-        with open_checkpoint(path) as reader:
-            return sum(os.path.getsize(f) for f in reader.files)
-    except (CheckpointError, OSError):
-        return None
-
-
-def _copied(ctx: BuildContext, device: Any, size: Any, seconds: float, how: str) -> None:
-    """The bytes a stage put on the device (``size()``) and how fast; a CPU build maps files, it copies nothing."""
-    if device in (None, "cpu", "meta") or seconds <= 0:
-        return
-    nbytes = size()
-    if not nbytes:
-        return
-    gbps = nbytes / seconds / 1e9
-    ctx.fact("load_bytes", nbytes)
-    ctx.fact("load_gbps", round(gbps, 2))
-    ctx.note(f"read {nbytes / 1e9:.2f} GB onto {device} in {seconds:.3f} s ({gbps:.1f} GB/s) with {how}")
 
 
 def build_dtype(ctx: BuildContext) -> str | None:

@@ -15,6 +15,7 @@ this stage has nothing to do.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from ..context import PROVENANCE_INITIALIZED, BuildContext
@@ -45,19 +46,31 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts))]
 
 
-def materialize(model: Any, device: Any) -> list[str]:
-    """Replace meta tensors with initialized ones; return the names initialized (one per tensor)."""
+#: Tensors up to this many elements (rotary ``inv_freq``, norms, a value head) are initialized in CPU
+#: memory and then copied to the device: no device kernel runs for them, and in a fresh process
+#: the first launch of each kernel costs milliseconds to load its code.
+STAGE_ON_CPU = 1 << 16
+
+
+def materialize(model: Any, device: Any, skip: Collection[str] = ()) -> list[str]:
+    """Replace meta tensors with initialized ones; return the names initialized (one per tensor).
+
+    ``skip``: names a checkpoint will fill (assigned after this), left on the meta device and
+    marked initialized, so the model's init neither touches them nor waits for them.
+    """
     import torch
 
-    meta = [g for g in tensor_groups(model, non_persistent=True) if g.tensor.is_meta]
+    meta = [g for g in tensor_groups(model, non_persistent=True) if g.tensor.is_meta and not skip_group(g, skip)]
     if not meta:
         return []
     new_ids: set[int] = set()
     new_tensors: dict[str, Any] = {}
+    names_of: dict[str, tuple[str, ...]] = {}
     touched_modules: set[str] = set()
     for group in meta:
         old = group.tensor
-        data = torch.empty(old.shape, dtype=old.dtype, device=device)
+        where = "cpu" if old.numel() <= STAGE_ON_CPU else device
+        data = torch.empty(old.shape, dtype=old.dtype, device=where)
         data.fill_(float("nan") if data.is_floating_point() or data.is_complex() else 0)
         new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
         for full in group.names:  # every name of a tied tensor gets the one new tensor
@@ -65,10 +78,11 @@ def materialize(model: Any, device: Any) -> list[str]:
             touched_modules.add(full.rpartition(".")[0])
         new_ids.add(id(new))
         new_tensors[group.name] = new
+        names_of[group.name] = group.names
 
-    # Loaded tensors are marked initialized so transformers' init skips them; the
-    # modules holding new tensors (and their parents, whose _init_weights may reach
-    # into children) are unmarked so it visits them.
+    # Loaded tensors (and those a checkpoint will fill) are marked initialized so transformers'
+    # init skips them; the modules holding new tensors (and their parents, whose _init_weights
+    # may reach into children) are unmarked so it visits them.
     flagged = []
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in new_ids and not getattr(t, "_is_hf_initialized", False):
@@ -87,8 +101,9 @@ def materialize(model: Any, device: Any) -> list[str]:
             module._is_hf_initialized = True
     try:
         pretrained = _outermost_pretrained(model)
-        for _, pm in pretrained:
-            pm.initialize_weights()
+        with torch.no_grad():
+            for _, pm in pretrained:
+                pm.initialize_weights()
         for name in new_tensors:
             if not any(n == "" or name.startswith(f"{n}.") for n, _ in pretrained):
                 _reset_foreign(model, name, new_ids)
@@ -101,7 +116,19 @@ def materialize(model: Any, device: Any) -> list[str]:
             f"these tensors were still uninitialized after the model's _init_weights: {left[:_LIST_AT_MOST]}; "
             "initialize them in your plugin (or give their module a reset_parameters())"
         )
+    if str(device) != "cpu":
+        for name, t in new_tensors.items():
+            if t.device.type == "cpu":
+                moved = t.to(device)
+                if isinstance(t, torch.nn.Parameter):
+                    moved = torch.nn.Parameter(moved, requires_grad=t.requires_grad)
+                for full in names_of[name]:
+                    set_tensor(model, full, moved)
     return sorted(new_tensors)
+
+
+def skip_group(group: Any, skip: Collection[str]) -> bool:
+    return bool(skip) and any(n in skip for n in group.names)
 
 
 def _reset_foreign(model: Any, name: str, new_ids: set[int]) -> None:
