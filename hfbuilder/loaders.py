@@ -161,6 +161,10 @@ class InstantRead:
         with torch.cuda.device(self.device):  # it syncs the current device's stream: make it the target's
             self._fh: Any = instanttensor.safe_open(sorted(files), framework="pt", device=self.device.index, **kwargs)
             self._fh.__enter__()
+            if check_finite:
+                from .weights import FiniteSums
+
+                FiniteSums.prewarm(self.device)  # loads the reduction's code while the read runs
 
     def drain(self) -> Loaded:
         """Every tensor, each owning its memory; then the loader is closed.

@@ -102,3 +102,21 @@ def test_runner_end_to_end_tiny(tmp_path):
     md = (out / "results-sft-import-tiny.md").read_text()
     assert "| sft | tiny | cpu | hfbuilder |" in md and "| import | hfbuilder / transformers |" in md
     assert "hfbuilder / dschat = " in proc.stdout
+
+
+def test_profile_load_tiny_fresh_processes(tmp_path):
+    """benchmarks/profile_load.py --fresh on the CPU: each variant's first build in its own process."""
+    script = RUNNER.parent / "profile_load.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--fresh", "--rounds", "1", "--variants", "raw,default,written",
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rounds = {line.split()[2].rstrip(":"): json.loads(line.split(": ", 1)[1])
+              for line in proc.stdout.splitlines() if line.startswith("round 0 ")}
+    assert rounds["raw"] == {"seconds": None}  # instanttensor reads onto CUDA only
+    for variant in ("default", "written"):
+        assert rounds[variant]["seconds"] > 0 and "load" in rounds[variant]["stages"]
+        assert list(rounds[variant]["phases"])[:3] == ["open", "architecture", "keys"]
+    assert "default: median" in proc.stdout and "written: median" in proc.stdout

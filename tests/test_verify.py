@@ -361,3 +361,10 @@ def test_nonfinite_names_each_bad_tensor_once(dtype):
     with pytest.raises(ValueError, match="holds 1 sums"):
         sums.add("b", good)
     assert sums.finite() == {"a", "i"}
+
+
+def test_prewarming_the_finite_sums_touches_no_cpu_tensor_and_no_cuda():
+    from hfbuilder.weights import FiniteSums
+
+    FiniteSums.prewarm("cpu")  # nothing to load off CUDA
+    assert not torch.cuda.is_initialized()
