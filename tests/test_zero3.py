@@ -61,8 +61,14 @@ def zero3_inputs(model_dir, tmp_path_factory):
         "reward", num_padding_at_beginning=1).build()
     torch.nn.init.normal_(reward.v_head.weight)
     save_file({k: v.contiguous() for k, v in reward.state_dict().items()}, critic_dir / "model.safetensors")
+    # The same step-2 output with the vocabulary from before the resize (45 rows, as config.json says).
+    critic_pre_dir = root / "critic-preresize"
+    shutil.copytree(opt, critic_pre_dir)
+    state = {k: (v[:45] if "embed_tokens" in k else v).contiguous() for k, v in reward.state_dict().items()}
+    save_file(state, critic_pre_dir / "model.safetensors")
     return {"lm_dirs": {"llama": llama, "opt": opt}, "bin_dir": str(bin_dir), "head_dir": llama,
-            "head_ckpt": str(head_ckpt), "critic_dir": str(critic_dir), "ds": DS, "root": root}
+            "head_ckpt": str(head_ckpt), "critic_dir": str(critic_dir), "critic_pre_dir": str(critic_pre_dir),
+            "ds": DS, "root": root}
 
 
 def _spec(inputs, checks, **extra):
@@ -78,7 +84,7 @@ def _ok(results, check):
 # -- real DeepSpeed, world size 2 ---------------------------------------------------------------
 
 WORLD2_CHECKS = ["lm_llama", "lm_opt", "bin", "head", "checkpoint", "global_state", "stage2", "train_lm", "train_head",
-                 "critic", "critic_rank0", "train_reward"]
+                 "critic", "critic_rank0", "critic_preresize", "train_reward"]
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +202,26 @@ def test_critic_reward_model_loaded_into_partitions(world2):
         assert facts["equal_checkpoint"] == facts["keys"]  # every tensor, v_head too, is the checkpoint's
         assert "v_head.weight" in facts["keys"] and facts["v_head"] == "checkpoint"
     assert ranks[0]["digests"] == ranks[1]["digests"]
+
+
+@pytest.mark.zero3
+def test_critic_from_a_checkpoint_saved_before_the_resize(world2, zero3_inputs):
+    """45 rows in the file, 48 after the resize: the old rows are the checkpoint's, the new ones their mean,
+    exactly as the same build makes them off ZeRO-3."""
+    import hashlib
+
+    ranks = _ok(world2, "critic_preresize")
+    path = zero3_inputs["critic_pre_dir"]
+    plain = ModelBuilder(AutoModel, path, AutoTokenizer.from_pretrained(path)).for_phase(
+        "critic", num_padding_at_beginning=1).with_dtype("bfloat16").build()
+    want = {k: hashlib.sha256(v.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+            for k, v in plain.named_parameters(remove_duplicate=False)}
+    for facts in ranks:
+        _assert_partitioned(facts)
+        assert facts["rows"] == 48 and facts["new_rows_are_the_mean"]
+        assert facts["provenance"] == "checkpoint+resized[45:48]"
+        assert any("filled rows added by resize, which the checkpoint lacks, with the mean" in n for n in facts["notes"])
+        assert facts["digests"] == want
 
 
 @pytest.mark.zero3

@@ -329,6 +329,26 @@ def check_critic(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_critic_preresize(spec: dict[str, Any]) -> dict[str, Any]:
+    """A step-2 checkpoint saved before the resize (45 embedding rows; the tokenizer asks for 48)."""
+    path = spec["critic_pre_dir"]
+    builder = ModelBuilder(AutoModel, path, AutoTokenizer.from_pretrained(path)).for_phase(
+        "critic", num_padding_at_beginning=1)
+    model, report = builder.with_zero3(spec["ds"]).build_with_report()
+    full = gathered(model)
+    embed = next(k for k in full if k.endswith("embed_tokens.weight"))
+    weight = full[embed]
+    return {
+        **partition_facts(model),
+        "digests": {k: digest(v) for k, v in full.items()},
+        "rows": weight.shape[0],
+        "new_rows_are_the_mean": bool(torch.equal(
+            weight[45:], weight[:45].float().mean(0, keepdim=True).to(weight.dtype).expand(3, -1))),
+        "provenance": report.provenance.get(embed),
+        "notes": notes(report),
+    }
+
+
 def check_critic_rank0(spec: dict[str, Any]) -> dict[str, Any]:
     """The same critic with ``zero3_read="rank0"``: rank 0 reads every tensor, the others none."""
     import hfbuilder.zero3.fill as fill_module
@@ -398,6 +418,7 @@ CHECKS = {
     "local_rank": check_local_rank,
     "critic": check_critic,
     "critic_rank0": check_critic_rank0,
+    "critic_preresize": check_critic_preresize,
     "train_reward": check_train_reward,
 }
 

@@ -118,6 +118,13 @@ class CheckpointStage(Stage):
             ctx.note(filled.describe())
             for key, value in filled.facts().items():
                 ctx.fact(key, value)
+            if plan.partial_rows:  # the checkpoint holds the rows from before the resize
+                from ..zero3 import fill_grown_rows_partitioned
+
+                mean = ctx.settings("resize").mean_resizing
+                rows = fill_grown_rows_partitioned(ctx.model, plan.partial_rows, mean)
+                how = "the mean of the loaded rows" if mean else "a normal init"
+                ctx.note(f"filled rows added by resize, which the checkpoint lacks, with {how}: {', '.join(rows)}")
         else:
             assigned = assign_from_checkpoint(
                 ctx.model, plan, reader, device=device, keep_dtype=ctx.dtype == "auto", mmap=settings.mmap,
@@ -171,7 +178,7 @@ class CheckpointStage(Stage):
             ctx.note(f"ignored as transformers does: {listing(plan.ignored)}")
         if plan.renamed:
             ctx.note(f"legacy names renamed as transformers does: {listing([f'{k} -> {n}' for n, k in plan.renamed.items()])}")
-        if plan.partial_rows:
+        if plan.partial_rows and not ctx.zero3:
             rows = ", ".join(f"{n}[{old}:{new}]" for n, (old, new) in plan.partial_rows.items())
             ctx.note(f"rows added by resize are not in the checkpoint and are left to materialize: {rows}")
 

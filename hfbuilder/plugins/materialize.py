@@ -23,6 +23,7 @@ from ..errors import InvariantError
 from ..hookspecs import hookimpl
 from ..stage import Stage
 from ..weights import set_tensor, tensor_groups
+from ..weights.assign import fill_new_rows, init_std
 
 _LIST_AT_MOST = 12
 NO_CHECKPOINT = (
@@ -149,20 +150,10 @@ def _reset_foreign(model: Any, name: str, new_ids: set[int]) -> None:
 
 def fill_grown_rows(model: Any, pending: dict[str, tuple[int, int]], mean_resizing: bool) -> list[str]:
     """Rows the resize stage added and the checkpoint did not have: their mean, or transformers' normal init."""
-    import torch
-
     done = []
-    config = getattr(model, "config", None)
-    std = getattr(config, "initializer_range", None) or getattr(config, "init_std", None) or 0.02
-    with torch.no_grad():
-        for name, (old, new) in pending.items():
-            weight = model.get_parameter(name)
-            rows = weight[old:new]
-            if mean_resizing:
-                rows.copy_(weight[:old].float().mean(0, keepdim=True).to(weight.dtype).expand_as(rows))
-            else:
-                rows.normal_(0.0, std)
-            done.append(f"{name}[{old}:{new}]")
+    for name, (old, new) in pending.items():
+        fill_new_rows(model.get_parameter(name), old, new, mean_resizing, init_std(model))
+        done.append(f"{name}[{old}:{new}]")
     return done
 
 

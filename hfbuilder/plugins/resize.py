@@ -117,10 +117,15 @@ class ResizeStage(Stage):
             how = "transformers"
         if target > current:
             mark_resized(ctx, model, current, target)
-            if deferred:
+            # A checkpoint loaded after this stage may hold the old row count (saved before a resize,
+            # or by a framework that does not resize): it fills the old rows, and the new ones are
+            # filled from them, as on the meta device, so under ZeRO-3 too.
+            later = ctx.zero3 and ctx.settings("load").deferred and ctx.settings("checkpoint").path is not None
+            if deferred or later:
                 matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
                             if m is not None}
                 ctx.resized_rows = [(w, current, target) for w in matrices.values()]
+            if deferred:
                 ctx.note(f"rows {current}:{target} deferred (meta device) until the checkpoint or materialize stage")
         ctx.note(f"resize_token_embeddings {current} -> {target} ({how})")
 

@@ -76,6 +76,25 @@ def assign_from_checkpoint(model: Any, plan: LoadPlan, reader: Reader, *, device
     return Assigned(len(state), nbytes)
 
 
+def init_std(model: Any) -> float:
+    """The std transformers' ``_init_weights`` draws new weights with: the config's, else 0.02."""
+    config = getattr(model, "config", None)
+    return getattr(config, "initializer_range", None) or getattr(config, "init_std", None) or 0.02
+
+
+def fill_new_rows(weight: Any, old: int, new: int, mean_resizing: bool, std: float) -> None:
+    """Give rows ``old:new`` of ``weight`` (grown by a resize, absent from the checkpoint) values made
+    from the loaded rows ``:old``: their mean (``mean_resizing``), or transformers' normal init."""
+    import torch
+
+    with torch.no_grad():
+        rows = weight[old:new]
+        if mean_resizing:
+            rows.copy_(weight[:old].float().mean(0, keepdim=True).to(weight.dtype).expand_as(rows))
+        else:
+            rows.normal_(0.0, std)
+
+
 def _same_values(reader: Reader, key: str, value: Any) -> bool:
     import torch
 
@@ -86,4 +105,4 @@ def _same_values(reader: Reader, key: str, value: Any) -> bool:
     return other.shape == value.shape and torch.equal(other.to(value.dtype), value)
 
 
-__all__ = ["Assigned", "assign_from_checkpoint"]
+__all__ = ["Assigned", "assign_from_checkpoint", "fill_new_rows", "init_std"]

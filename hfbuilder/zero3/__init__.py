@@ -28,7 +28,7 @@ from .partition import (
     unpartitioned_parameters,
     wrong_dtype_parameters,
 )
-from .resize import Resized, mean_resized_rows, resize_token_embeddings
+from .resize import Resized, fill_grown_rows_partitioned, mean_resized_rows, resize_token_embeddings
 
 __all__ = [
     "LAUNCHER_VARS",
@@ -40,6 +40,7 @@ __all__ = [
     "check_one_dtype",
     "ds_dtype_name",
     "ensure_distributed",
+    "fill_grown_rows_partitioned",
     "is_partitioned",
     "listed",
     "load_checkpoint_into_partitions",

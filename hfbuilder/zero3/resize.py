@@ -163,6 +163,25 @@ def _new_rows(model: Any, old: Any, old_n: int, added: int, dim: int, mean_resiz
 
 
 
+def fill_grown_rows_partitioned(model: Any, pending: dict[str, tuple[int, int]], mean_resizing: bool) -> list[str]:
+    """Rows ``old:new`` of partitioned matrices that a checkpoint with the old row count did not fill:
+    made on rank 0 from the loaded rows, as a build off ZeRO-3 makes them
+    (:func:`hfbuilder.weights.assign.fill_new_rows`), then re-partitioned. Collective."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from ..weights.assign import fill_new_rows, init_std
+
+    done = []
+    for name, (old, new) in pending.items():  # the same order on every rank: the plan's
+        weight = model.get_parameter(name)
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+            if not dist.is_initialized() or group_rank(weight) == 0:
+                fill_new_rows(weight.data, old, new, mean_resizing, init_std(model))
+        done.append(f"{name}[{old}:{new}]")
+    return done
+
+
 def mean_resized_rows(weight: torch.Tensor, added: int, chunk_bytes: int = 1 << 24) -> torch.Tensor:
     """``added`` rows drawn like transformers' mean resizing (``_init_added_embeddings_weights_with_mean``).
 
@@ -193,4 +212,4 @@ def mean_resized_rows(weight: torch.Tensor, added: int, chunk_bytes: int = 1 << 
 
 
 
-__all__ = ["Resized", "mean_resized_rows", "resize_token_embeddings"]
+__all__ = ["Resized", "fill_grown_rows_partitioned", "mean_resized_rows", "resize_token_embeddings"]
