@@ -151,6 +151,13 @@ def test_inspect_recognizes_rlhf_layouts(tmp_path):
     assert score["layout"] == "OpenRLHF reward/critic model"
     text = hfbuilder("inspect", str(tmp_path / "trl" / "model.safetensors")).stdout
     assert "v_head.summary.weight" in text and "[1, 2]" in text and "float32" in text
+    # What with_checkpoint(layout="auto") would decide, from the registered layout plugins:
+    assert dschat["reward_layout"]["name"] == "dschat" and "no v_head.weight" in dschat["reward_layout"]["evidence"]
+    assert dschat_ok["reward_layout"]["name"] == "dschat"
+    plain = _layout(tmp_path, "plain", base)
+    assert plain["reward_layout"]["name"] is None and "no reward/critic value head" in plain["reward_layout"]["evidence"]
+    assert trl["reward_layout"]["name"] == "trl" and openrlhf["reward_layout"]["name"] == "openrlhf"
+    assert "as a critic: layout 'trl'" in text
 
 
 def test_inspect_rejects_bad_input(tmp_path):

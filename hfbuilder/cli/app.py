@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "and whether it looks like DeepSpeed-Chat, OpenRLHF, TRL or plain HF.")
     inspect.add_argument("checkpoint", metavar="CKPT", help="a directory, a .safetensors/.bin file or an index .json")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                         help="also register MODULE as with_plugin would: its reward layouts are asked too (repeatable)")
     inspect.set_defaults(func=cmd_inspect)
     add_convert_parser(sub, import_plugin)
     return parser

@@ -77,6 +77,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
     config = read_json(os.path.join(folder, "config.json"))
     layout = guess_layout(ckpt.tensors, config)
+    reward = _reward_layout(args, config)
     dtypes: dict[str, int] = {}
     for t in ckpt.tensors.values():
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
@@ -86,6 +87,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "files": [f.to_dict() for f in ckpt.files],
         "layout": layout.name,
         "evidence": layout.evidence,
+        "reward_layout": reward,
         "tensors": len(ckpt.tensors),
         "values": ckpt.values,
         "dtypes": dtypes,
@@ -99,6 +101,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"checkpoint: {args.checkpoint}")
     print(f"format:     {ckpt.format}, {len(ckpt.files)} file(s), {human_bytes(size)}")
     print(f"layout:     {layout.name} ({layout.evidence})")
+    if reward["name"] is not None:
+        print(f"as a critic: layout {reward['name']!r} ({reward['evidence']}); keys: {reward['keys']}")
+    else:
+        print(f"as a critic: no reward layout ({reward['evidence']})")
     print(f"tensors:    {len(ckpt.tensors)}, {ckpt.values:,} values; dtypes "
           + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
     width = max((len(k) for k in ckpt.tensors), default=4)
@@ -106,3 +112,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for k, t in ckpt.tensors.items():
         print(f"{k:<{width}}  {str(list(t.shape)):<16} {t.dtype}")
     return EXIT_OK
+
+
+def _reward_layout(args: argparse.Namespace, config: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``with_checkpoint(path, layout="auto")`` would decide, asking every registered reward layout
+    (built-in, entry points, ``--plugin``): the layout, its evidence and key map, or why none."""
+    from ..errors import CheckpointError
+    from ..layouts import available_layouts
+    from ..layouts.detect import resolve_layout
+
+    plugins = [import_plugin(spec) for spec in getattr(args, "plugin", [])]
+    layouts = {name: layout for name, (layout, _) in available_layouts(plugins).items()}
+    try:
+        resolved = resolve_layout(args.checkpoint, layouts, config=config or {})
+    except CheckpointError as exc:
+        why = str(exc).split("\n", 1)[0]
+        return {"name": None, "evidence": why, "keys": None}
+    return {"name": resolved.layout.name, "evidence": resolved.evidence, "keys": resolved.key_map.describe()}

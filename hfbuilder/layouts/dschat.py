@@ -30,8 +30,9 @@ class DeepSpeedChat(Layout):
     def detect(self, keys: Shapes, config: Mapping[str, Any], folder: str | None) -> str | None:
         if not any(k.startswith(BODY) for k in keys):
             return None
-        head = f"{HEAD_WEIGHT} {list(keys[HEAD_WEIGHT])}" if HEAD_WEIGHT in keys else f"WITHOUT {HEAD_WEIGHT}"
-        return f"keys under {BODY} with {head}"
+        if HEAD_WEIGHT in keys:
+            return f"keys under {BODY} with {HEAD_WEIGHT} {list(keys[HEAD_WEIGHT])}"
+        return f"keys under {BODY}, but no {HEAD_WEIGHT} (a strict load will refuse it)"
 
     def key_map(self, keys: Shapes, config: Mapping[str, Any], folder: str | None) -> KeyMap:
         # The names are the model's own: a missing head is left to the strict key check to report.
