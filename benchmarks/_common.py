@@ -115,3 +115,23 @@ def make_checkpoints(shape: str, workdir: Path, fill_device: str | None = None, 
 
 __all__ = ["CHECKPOINT_VERSION", "Checkpoints", "checkpoint_name", "checkpoint_spec", "make_checkpoints",
            "shape_fields"]  # fmt: skip
+
+
+def check_values(built: Any, checkpoint: Path, names: list[str], device: str, who: str = "") -> str:
+    """After the clock: prove ``built`` (a model, or a dict of tensors) holds the checkpoint's values for
+    ``names`` on ``device``; an AssertionError says which tensor does not."""
+    import torch
+
+    from hfbuilder.weights import open_checkpoint
+
+    prefix = f"{who}: " if who else ""
+    tensors = built if isinstance(built, dict) else dict(built.named_parameters())
+    with open_checkpoint(checkpoint) as reader:
+        for name in names:
+            got, want = tensors[name], reader.get(name)
+            if got.device.type != torch.device(device).type:
+                raise AssertionError(f"{prefix}{name} is on {got.device}, expected {device}")
+            if not torch.equal(got.detach().to("cpu", want.dtype), want):
+                raise AssertionError(f"{prefix}{name} differs from the checkpoint")
+    return f"{len(names)} tensors match the checkpoint on {device}"
+

@@ -234,23 +234,12 @@ def evict(files: list[str]) -> float | None:
 
 def check_llama(reads: str, ck: LlamaCheckpoints, built: Any, device: str, last: int) -> str:
     """After the clock: the last layer's down projection (and the critic's v_head) equal the file's."""
-    import torch
-
-    from hfbuilder.weights import open_checkpoint
+    from _common import check_values
 
     if reads == "sft":
-        reader, names = open_checkpoint(ck.sft), [f"model.layers.{last}.mlp.down_proj.weight"]
-    else:
-        reader, names = open_checkpoint(ck.critic_st), [f"rwtransformer.layers.{last}.mlp.down_proj.weight", "v_head.weight"]
-    tensors = built if isinstance(built, dict) else dict(built.named_parameters())
-    with reader:
-        for name in names:
-            got, want = tensors[name], reader.get(name)
-            if got.device.type != torch.device(device).type:
-                raise AssertionError(f"{name} is on {got.device}, expected {device}")
-            if not torch.equal(got.detach().to("cpu", want.dtype), want):
-                raise AssertionError(f"{name} differs from the checkpoint")
-    return f"{len(names)} tensors match the checkpoint on {device}"
+        return check_values(built, ck.sft, [f"model.layers.{last}.mlp.down_proj.weight"], device)
+    return check_values(built, ck.critic_st, [f"rwtransformer.layers.{last}.mlp.down_proj.weight", "v_head.weight"],
+                        device)
 
 
 __all__ = [

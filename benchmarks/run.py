@@ -70,7 +70,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when l
     sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import _load  # noqa: E402
-from _common import Checkpoints, make_checkpoints  # noqa: E402
+from _common import Checkpoints, check_values, make_checkpoints  # noqa: E402
 from _probes import current_rss_mib, peak_rss_mib  # noqa: E402
 
 from hfbuilder.testing import SHAPES  # noqa: E402
@@ -305,25 +305,11 @@ SETS: dict[str, tuple[str, ...]] = {"cpu": ("sft", "import"), "gpu": ("device", 
 
 def _check(case: Case, contender: Contender, ck: Checkpoints, built: Any, device: str) -> str:
     """After the clock: prove the contender really put the checkpoint's values on ``device``."""
-    import torch
-    from safetensors import safe_open
-
     last = SHAPES[case.shape].fields["num_hidden_layers"] - 1
     if contender.reads == "sft":
-        file = ck.sft / "model.safetensors"
-        names = [f"model.decoder.layers.{last}.fc2.weight"]
-    else:
-        file = ck.critic_st / "model.safetensors"
-        names = [f"rwtransformer.decoder.layers.{last}.fc2.weight", "v_head.weight"]
-    tensors = built if isinstance(built, dict) else dict(built.named_parameters())
-    with safe_open(file, framework="pt") as fh:
-        for name in names:
-            got, want = tensors[name], fh.get_tensor(name)
-            if got.device.type != torch.device(device).type:
-                raise AssertionError(f"{contender.name}: {name} is on {got.device}, expected {device}")
-            if not torch.equal(got.detach().to("cpu", want.dtype), want):
-                raise AssertionError(f"{contender.name}: {name} differs from the checkpoint")
-    return f"{len(names)} tensors match the checkpoint on {device}"
+        return check_values(built, ck.sft, [f"model.decoder.layers.{last}.fc2.weight"], device, contender.name)
+    names = [f"rwtransformer.decoder.layers.{last}.fc2.weight", "v_head.weight"]
+    return check_values(built, ck.critic_st, names, device, contender.name)
 
 
 def worker(case_name: str, contender_name: str, workdir: Path, device: str, shape: str | None = None) -> dict[str, Any]:

@@ -107,6 +107,35 @@ class _PluginManager(pluggy.PluginManager):
         return super().parse_hookimpl_opts(plugin, name)
 
 
+def collect_hook(hook: Any, hook_name: str, kind: type) -> list[tuple[Any, str]]:
+    """Call the no-argument list hook ``hook_name`` of a plugin manager's ``hook`` relay implementation by
+    implementation, in registration order: (item, providing plugin) pairs, each item a ``kind`` instance
+    (a class is instantiated) with a non-empty name, or a str. A failure is a PluginError naming the plugin."""
+    out: list[tuple[Any, str]] = []
+    for impl in getattr(hook, hook_name).get_hookimpls():
+        try:
+            result = impl.function()
+        except Exception as exc:
+            raise PluginError(f"plugin {impl.plugin_name} raised in {hook_name}(): {exc!r}") from exc
+        if result is None:
+            continue
+        if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+            raise PluginError(f"plugin {impl.plugin_name}: {hook_name}() must return a list, got {result!r}")
+        for item in result:
+            if kind is not str:
+                if inspect.isclass(item) and issubclass(item, kind):
+                    item = item()
+                if not isinstance(item, kind) or not isinstance(item.name, str) or not item.name:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name}: {hook_name}() returned {item!r}, "
+                        f"expected a {kind.__name__} with a non-empty name"
+                    )
+            elif not isinstance(item, str):
+                raise PluginError(f"plugin {impl.plugin_name}: {hook_name}() returned {item!r}, expected str")
+            out.append((item, impl.plugin_name))
+    return out
+
+
 class Plugins:
     """A typed facade over one pluggy ``PluginManager``."""
 
@@ -173,30 +202,7 @@ class Plugins:
             ) from None
 
     def _collect(self, hook_name: str, kind: type) -> list[tuple[Any, str]]:
-        """Call a no-argument list hook implementation by implementation, naming failures."""
-        out: list[tuple[Any, str]] = []
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            try:
-                result = impl.function()
-            except Exception as exc:
-                raise PluginError(f"plugin {impl.plugin_name} raised in {hook_name}(): {exc!r}") from exc
-            if result is None:
-                continue
-            if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
-                raise PluginError(f"plugin {impl.plugin_name}: {hook_name}() must return a list, got {result!r}")
-            for item in result:
-                if kind is not str:
-                    if inspect.isclass(item) and issubclass(item, kind):
-                        item = item()
-                    if not isinstance(item, kind) or not isinstance(item.name, str) or not item.name:
-                        raise PluginError(
-                            f"plugin {impl.plugin_name}: {hook_name}() returned {item!r}, "
-                            f"expected a {kind.__name__} with a non-empty name"
-                        )
-                elif not isinstance(item, str):
-                    raise PluginError(f"plugin {impl.plugin_name}: {hook_name}() returned {item!r}, expected str")
-                out.append((item, impl.plugin_name))
-        return out
+        return collect_hook(self.pm.hook, hook_name, kind)
 
     def stage_entries(self) -> list[Entry]:
         entries = []

@@ -5,19 +5,19 @@ Run by :func:`zero3_harness.run_ranks` from ``tests/test_layouts.py``; writes ``
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-import traceback
 from typing import Any
 
 import deepspeed
 import torch
 from layout_writers import tensors_of
 from transformers import AutoModel, AutoTokenizer
+from zero3_harness import finish_rank
 
 from hfbuilder import ModelBuilder
-from hfbuilder.testing import end_rank
 
 RANK = int(os.environ["RANK"])
 
@@ -48,15 +48,8 @@ def main() -> None:
     spec_path, out_dir = sys.argv[1], sys.argv[2]
     with open(spec_path) as fh:
         spec = json.load(fh)
-    results: dict[str, Any] = {"rank": RANK}
-    for name, path in spec["cases"].items():
-        try:
-            results[name] = {"ok": True, **check(path, spec["ds"])}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{RANK}.json"), "w") as fh:
-        json.dump(results, fh)
-    end_rank()
+    checks = {name: functools.partial(check, path, spec["ds"]) for name, path in spec["cases"].items()}
+    finish_rank(out_dir, {"rank": RANK}, checks)
 
 
 if __name__ == "__main__":

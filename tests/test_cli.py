@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 
 from hfbuilder.cli import main
 
+from .dists import make_dist
+
 ENV = {**os.environ, "HFBUILDER_DISABLE_PLUGIN_AUTOLOAD": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -172,11 +174,7 @@ def test_inspect_rejects_bad_input(tmp_path):
 
 def test_plugins_lists_each_source(tmp_path):
     site = tmp_path / "site"
-    dist = site / "hfb_demo_plugin-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hfb-demo-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[hfbuilder]\ndemo = hfb_demo_plugin\n")
-    (site / "hfb_demo_plugin.py").write_text(textwrap.dedent("""
+    make_dist(site, "hfb-demo-plugin", "hfb_demo_plugin", """
         import hfbuilder
 
         class Demo(hfbuilder.Head):
@@ -185,7 +183,7 @@ def test_plugins_lists_each_source(tmp_path):
         @hfbuilder.hookimpl
         def hfbuilder_heads():
             return [Demo()]
-    """))
+    """, entry_name="demo")
     (site / "local_plugin.py").write_text("import hfbuilder\n\n@hfbuilder.hookimpl\ndef hfbuilder_dropout_keys():\n"
                                           "    return ['my_drop']\n")
     env = {**ENV, "PYTHONPATH": str(site)}

@@ -12,9 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
+
+from .dists import make_dist
 
 ENV = {**os.environ, "HFBUILDER_DISABLE_PLUGIN_AUTOLOAD": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -75,14 +76,10 @@ def test_bad_input_exits_2(inputs, case, message):
 
 def test_a_plugin_that_exits_on_import_exits_3_and_saves_nothing(tmp_path, model_dir):
     site = tmp_path / "site"
-    info = site / "hfb_exits-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hfb-exits\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[hfbuilder]\nexits = hfb_exits\n")
-    (site / "hfb_exits.py").write_text(textwrap.dedent("""
+    make_dist(site, "hfb-exits", "hfb_exits", """
         import sys
         sys.exit(0)
-    """))
+    """, entry_name="exits")
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), ENV.get("PYTHONPATH", "")])}
     env.pop("HFBUILDER_DISABLE_PLUGIN_AUTOLOAD")
     out = tmp_path / "out"

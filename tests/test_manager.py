@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 
 import pluggy
 import pytest
@@ -13,14 +12,7 @@ from hfbuilder import BuilderInputError, Head, ModelBuilder, PluginError, Stage,
 from hfbuilder.manager import DISABLE_AUTOLOAD_ENV, Plugins
 from hfbuilder.testing import make_tokenizer
 
-
-def make_dist(root, dist, module, source, entry_value=None):
-    """A real installed distribution: a module plus a dist-info with an hfbuilder entry point."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[hfbuilder]\n{dist} = {entry_value or module}\n")
+from .dists import make_dist
 
 
 @pytest.fixture

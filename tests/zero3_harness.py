@@ -31,6 +31,24 @@ def run_ranks(
     return _run_ranks(worker, spec, world_size, workdir, timeout=timeout, threads=1, env=TEST_ENV, cwd=REPO)
 
 
+def finish_rank(out_dir: str, results: dict[str, Any], checks: dict[str, Any]) -> None:
+    """In a worker rank: run each check (a callable returning plain data) in order, recording its result
+    or its traceback, so one failure does not hide the others; write ``rank<r>.json``; end the rank."""
+    import json
+    import traceback
+
+    from hfbuilder.testing import end_rank
+
+    for name, check in checks.items():
+        try:
+            results[name] = {"ok": True, **check()}
+        except Exception:
+            results[name] = {"ok": False, "error": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{results['rank']}.json"), "w") as fh:
+        json.dump(results, fh)
+    end_rank()
+
+
 # -- a small head for the tests, registered through hfbuilder_heads like any plugin's -----------
 
 

@@ -8,11 +8,11 @@ hide the others (the ranks stay in step: every check is collective on all of the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sys
-import traceback
 from typing import Any
 
 import deepspeed
@@ -20,11 +20,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import deepspeed as hf_ds
-from zero3_harness import HeadPlugin
+from zero3_harness import HeadPlugin, finish_rank
 
 import hfbuilder
 from hfbuilder import ModelBuilder
-from hfbuilder.testing import end_rank
 from hfbuilder.weights import LoadPlan, TensorInfo, open_checkpoint
 from hfbuilder.zero3 import load_checkpoint_into_partitions
 
@@ -431,14 +430,7 @@ def main() -> None:
     if spec.get("preinit"):
         deepspeed.init_distributed(dist_backend="gloo")
     results["initialized_before_first_build"] = torch.distributed.is_initialized()
-    for name in spec["checks"]:
-        try:
-            results[name] = {"ok": True, **CHECKS[name](spec)}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{RANK}.json"), "w") as fh:
-        json.dump(results, fh)
-    end_rank()
+    finish_rank(out_dir, results, {name: functools.partial(CHECKS[name], spec) for name in spec["checks"]})
 
 
 if __name__ == "__main__":

@@ -97,11 +97,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a setting: NAME=VALUE as .with_options() takes it (invariants=warn), or "
                              "STAGE.FIELD=VALUE as .configure() does (resize.multiple=16); VALUE is JSON when it "
                              "parses; see `hfbuilder settings` (repeatable)")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import MODULE (or module:attr) and register it with with_plugin (repeatable)")
+    _plugin_option(parser, "import MODULE (or module:attr) and register it with with_plugin")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the Python code a model or tokenizer directory ships (auto_map); read it first")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _plugin_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=f"{what} (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,16 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_build)
 
     plugins = sub.add_parser("plugins", help="list registered plugins, their stages and heads, and their origin")
-    plugins.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                         help="also register MODULE as with_plugin would (repeatable)")
+    _plugin_option(plugins, "also register MODULE as with_plugin would")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
     plugins.set_defaults(func=cmd_plugins)
 
     settings = sub.add_parser("settings", help="list every stage's settings: names, types, defaults",
                               description="The settings each registered stage declares, generated from their "
                                           "Settings dataclasses; -o NAME=VALUE and with_options() take these names.")
-    settings.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                          help="also register MODULE as with_plugin would (repeatable)")
+    _plugin_option(settings, "also register MODULE as with_plugin would")
     settings.add_argument("--markdown", action="store_true", help="print the docs/settings.md table")
     settings.set_defaults(func=cmd_settings)
 
@@ -149,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "and whether it looks like DeepSpeed-Chat, OpenRLHF, TRL or plain HF.")
     inspect.add_argument("checkpoint", metavar="CKPT", help="a directory, a .safetensors/.bin file or an index .json")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
-    inspect.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                         help="also register MODULE as with_plugin would: its reward layouts are asked too (repeatable)")
+    _plugin_option(inspect, "also register MODULE as with_plugin would: its reward layouts are asked too")
     inspect.set_defaults(func=cmd_inspect)
     add_convert_parser(sub, import_plugin)
     return parser

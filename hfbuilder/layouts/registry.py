@@ -7,7 +7,7 @@ layouts through :func:`reward_layouts`, never through ``pm.hook``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import PluginError
@@ -41,28 +41,13 @@ def reward_layouts(hook: Any = None) -> dict[str, tuple[Layout, str]]:
     caller = getattr(hook, "hfbuilder_reward_layouts", None) if hook is not None else None
     if caller is None:
         return {layout.name: (layout, BUILTIN_PROVIDER) for layout in BUILTIN_LAYOUTS}
+    from ..manager import collect_hook
+
     found: dict[str, tuple[Layout, str]] = {}
-    for impl in caller.get_hookimpls():  # registration order: built-ins first
-        try:
-            result = impl.function()
-        except Exception as exc:
-            raise PluginError(f"plugin {impl.plugin_name} raised in hfbuilder_reward_layouts(): {exc!r}") from exc
-        if result is None:
-            continue
-        if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
-            raise PluginError(f"plugin {impl.plugin_name}: hfbuilder_reward_layouts() must return a list, got {result!r}")
-        for item in result:
-            layout = item() if isinstance(item, type) and issubclass(item, Layout) else item
-            if not isinstance(layout, Layout) or not isinstance(layout.name, str) or not layout.name:
-                raise PluginError(
-                    f"plugin {impl.plugin_name}: hfbuilder_reward_layouts() returned {item!r}, "
-                    "expected a hfbuilder.layouts.Layout with a non-empty name"
-                )
-            if layout.name in found:
-                raise PluginError(
-                    f"two plugins provide reward layout {layout.name!r}: {found[layout.name][1]} and {impl.plugin_name}"
-                )
-            found[layout.name] = (layout, impl.plugin_name)
+    for layout, provider in collect_hook(hook, "hfbuilder_reward_layouts", Layout):  # built-ins first
+        if layout.name in found:
+            raise PluginError(f"two plugins provide reward layout {layout.name!r}: {found[layout.name][1]} and {provider}")
+        found[layout.name] = (layout, provider)
     return found
 
 
